@@ -1,0 +1,442 @@
+//! The HTTP API: one axum `Router`, served by `tidings serve` locally and by the `api` Lambda
+//! through `lambda_http`, unchanged.
+
+pub mod body;
+pub mod problem;
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+pub use problem::Problem;
+
+use crate::app::App;
+use crate::domain::{
+    Attempt, Delivery, DeliveryId, Event, EventId, EventTypePattern, Subscription, SubscriptionId,
+    TenantId, Timestamp,
+};
+use crate::ports::{Clock, DeliveryQueue, Page, PageRequest, Store};
+
+/// Request bodies beyond this are refused with 413 before they are parsed.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+pub struct ApiState<S, Q, C> {
+    pub app: Arc<App<S, Q, C>>,
+}
+
+impl<S, Q, C> Clone for ApiState<S, Q, C> {
+    fn clone(&self) -> Self {
+        Self {
+            app: Arc::clone(&self.app),
+        }
+    }
+}
+
+pub fn router<S: Store, Q: DeliveryQueue, C: Clock>(app: Arc<App<S, Q, C>>) -> Router {
+    Router::new()
+        .route(
+            "/health",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route(
+            "/webhook-subscriptions",
+            post(create_subscription::<S, Q, C>).get(list_subscriptions::<S, Q, C>),
+        )
+        .route(
+            "/webhook-subscriptions/{subscription_id}",
+            get(get_subscription::<S, Q, C>)
+                .patch(update_subscription::<S, Q, C>)
+                .delete(delete_subscription::<S, Q, C>),
+        )
+        .route(
+            "/webhook-subscriptions/{subscription_id}/secret",
+            get(get_subscription_secret::<S, Q, C>),
+        )
+        .route(
+            "/webhook-subscriptions/{subscription_id}/deliveries",
+            get(list_deliveries::<S, Q, C>),
+        )
+        .route("/events", post(publish_event::<S, Q, C>))
+        .route("/events/{event_id}", get(get_event::<S, Q, C>))
+        .route("/deliveries/{delivery_id}", get(get_delivery::<S, Q, C>))
+        .route(
+            "/deliveries/{delivery_id}/retry",
+            post(retry_delivery::<S, Q, C>),
+        )
+        .fallback(|| async { Problem::not_found("route") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(ApiState { app })
+}
+
+/// The caller's tenant, from `Authorization: Bearer <key>`.
+pub struct Tenant(pub TenantId);
+
+impl<S: Store, Q: DeliveryQueue, C: Clock> FromRequestParts<ApiState<S, Q, C>> for Tenant {
+    type Rejection = Problem;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &ApiState<S, Q, C>,
+    ) -> Result<Self, Self::Rejection> {
+        let key = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(Problem::unauthorized)?;
+        match state.app.authenticate(key).await {
+            Ok(Some(tenant)) => Ok(Tenant(tenant)),
+            Ok(None) => Err(Problem::unauthorized()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Problem> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Problem::too_large(MAX_BODY_BYTES)
+        } else {
+            Problem::malformed(e.body_text())
+        }
+    })
+}
+
+// ---- wire types (camelCase JSON) ----
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SubscriptionDto<'a> {
+    subscription_id: &'a SubscriptionId,
+    event_types: &'a [EventTypePattern],
+    callback_url: &'a str,
+    description: &'a str,
+    status: &'static str,
+    created_at: Timestamp,
+    updated_at: Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret: Option<&'a str>,
+}
+
+impl<'a> SubscriptionDto<'a> {
+    fn new(s: &'a Subscription, with_secret: bool) -> Self {
+        Self {
+            subscription_id: &s.id,
+            event_types: &s.event_types,
+            callback_url: s.callback_url.as_str(),
+            description: &s.description,
+            status: s.status.as_str(),
+            created_at: s.created_at,
+            updated_at: s.updated_at,
+            secret: with_secret.then(|| s.secret.expose()),
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AttemptDto<'a> {
+    attempt: u32,
+    at: Timestamp,
+    outcome: crate::retry::AttemptClass,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status_code: Option<u16>,
+    latency_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_snippet: Option<&'a str>,
+}
+
+impl<'a> From<&'a Attempt> for AttemptDto<'a> {
+    fn from(a: &'a Attempt) -> Self {
+        Self {
+            attempt: a.number,
+            at: a.started_at,
+            outcome: a.outcome,
+            status_code: a.status_code,
+            latency_ms: a.latency_ms,
+            error: a.error.as_deref(),
+            response_snippet: a.response_snippet.as_deref(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DeliveryDto<'a> {
+    delivery_id: &'a DeliveryId,
+    event_id: &'a EventId,
+    subscription_id: &'a SubscriptionId,
+    status: &'static str,
+    attempt_count: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_attempt_at: Option<Timestamp>,
+    attempts: Vec<AttemptDto<'a>>,
+    created_at: Timestamp,
+    updated_at: Timestamp,
+}
+
+impl<'a> From<&'a Delivery> for DeliveryDto<'a> {
+    fn from(d: &'a Delivery) -> Self {
+        Self {
+            delivery_id: &d.id,
+            event_id: &d.event_id,
+            subscription_id: &d.subscription_id,
+            status: d.status.as_str(),
+            attempt_count: d.attempts.len(),
+            next_attempt_at: d.next_attempt_at,
+            attempts: d.attempts.iter().map(AttemptDto::from).collect(),
+            created_at: d.created_at,
+            updated_at: d.updated_at,
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EventDto<'a> {
+    event_id: &'a EventId,
+    event_type: &'a str,
+    occurred_at: Timestamp,
+    received_at: Timestamp,
+    data: &'a RawValue,
+}
+
+impl<'a> From<&'a Event> for EventDto<'a> {
+    fn from(e: &'a Event) -> Self {
+        Self {
+            event_id: &e.id,
+            event_type: e.event_type.as_str(),
+            occurred_at: e.occurred_at,
+            received_at: e.received_at,
+            data: &e.data,
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ListDto<T> {
+    data: Vec<T>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<String>,
+}
+
+fn list<'a, T, D>(page: &'a Page<T>, f: impl Fn(&'a T) -> D) -> ListDto<D> {
+    ListDto {
+        data: page.items.iter().map(f).collect(),
+        next_cursor: page.next.as_ref().map(|c| URL_SAFE_NO_PAD.encode(c)),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+impl ListQuery {
+    fn page(self) -> Result<PageRequest, Problem> {
+        let after = self
+            .cursor
+            .map(|c| {
+                URL_SAFE_NO_PAD
+                    .decode(&c)
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or_else(|| Problem::invalid("cursor", "is not a cursor this API returned"))
+            })
+            .transpose()?;
+        Ok(PageRequest {
+            limit: self.limit.unwrap_or(0),
+            after,
+        })
+    }
+}
+
+fn list_query(
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<PageRequest, Problem> {
+    q.map_err(|e| Problem::invalid("limit", e.body_text()))?
+        .0
+        .page()
+}
+
+// Unknown or malformed ids are simply not found: no id leaks whether it exists elsewhere.
+fn subscription_id(raw: &str) -> Result<SubscriptionId, Problem> {
+    SubscriptionId::parse(raw).map_err(|_| Problem::not_found("subscription"))
+}
+
+fn delivery_id(raw: &str) -> Result<DeliveryId, Problem> {
+    DeliveryId::parse(raw).map_err(|_| Problem::not_found("delivery"))
+}
+
+// ---- handlers ----
+
+async fn create_subscription<S: Store, Q: DeliveryQueue, C: Clock>(
+    State(state): State<ApiState<S, Q, C>>,
+    Tenant(tenant): Tenant,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    let new = body::parse_new_subscription(&body_bytes(body)?)?;
+    let sub = state.app.create_subscription(&tenant, new).await?;
+    let location = format!("/webhook-subscriptions/{}", sub.id);
+    let mut response =
+        (StatusCode::CREATED, Json(SubscriptionDto::new(&sub, true))).into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(response)
+}
+
+async fn list_subscriptions<S: Store, Q: DeliveryQueue, C: Clock>(
+    State(state): State<ApiState<S, Q, C>>,
+    Tenant(tenant): Tenant,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let page = state
+        .app
+        .list_subscriptions(&tenant, list_query(query)?)
+        .await?;
+    Ok(Json(list(&page, |s| SubscriptionDto::new(s, false))).into_response())
+}
+
+async fn get_subscription<S: Store, Q: DeliveryQueue, C: Clock>(
+    State(state): State<ApiState<S, Q, C>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let sub = state
+        .app
+        .get_subscription(&tenant, &subscription_id(&id)?)
+        .await?;
+    Ok(Json(SubscriptionDto::new(&sub, false)).into_response())
+}
+
+async fn get_subscription_secret<S: Store, Q: DeliveryQueue, C: Clock>(
+    State(state): State<ApiState<S, Q, C>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let sub = state
+        .app
+        .get_subscription(&tenant, &subscription_id(&id)?)
+        .await?;
+    Ok(Json(serde_json::json!({ "secret": sub.secret.expose() })).into_response())
+}
+
+async fn update_subscription<S: Store, Q: DeliveryQueue, C: Clock>(
+    State(state): State<ApiState<S, Q, C>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    let id = subscription_id(&id)?;
+    let patch = body::parse_subscription_patch(&body_bytes(body)?)?;
+    let sub = state.app.update_subscription(&tenant, &id, patch).await?;
+    Ok(Json(SubscriptionDto::new(&sub, false)).into_response())
+}
+
+async fn delete_subscription<S: Store, Q: DeliveryQueue, C: Clock>(
+    State(state): State<ApiState<S, Q, C>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    state
+        .app
+        .delete_subscription(&tenant, &subscription_id(&id)?)
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn list_deliveries<S: Store, Q: DeliveryQueue, C: Clock>(
+    State(state): State<ApiState<S, Q, C>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let id = subscription_id(&id)?;
+    let page = state
+        .app
+        .list_deliveries(&tenant, &id, list_query(query)?)
+        .await?;
+    Ok(Json(list(&page, DeliveryDto::from)).into_response())
+}
+
+async fn publish_event<S: Store, Q: DeliveryQueue, C: Clock>(
+    State(state): State<ApiState<S, Q, C>>,
+    Tenant(tenant): Tenant,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    let request = body::parse_publish(&body_bytes(body)?)?;
+    let idempotency_key = headers
+        .get("idempotency-key")
+        .map(|v| {
+            v.to_str()
+                .map(str::to_owned)
+                .map_err(|_| Problem::invalid("Idempotency-Key", "must be visible ASCII"))
+        })
+        .transpose()?;
+    let published = state
+        .app
+        .publish_event(&tenant, request, idempotency_key)
+        .await?;
+    let mut response = (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "eventId": published.event_id })),
+    )
+        .into_response();
+    if !published.created {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+async fn get_event<S: Store, Q: DeliveryQueue, C: Clock>(
+    State(state): State<ApiState<S, Q, C>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let id = EventId::parse(&id).map_err(|_| Problem::not_found("event"))?;
+    let event = state.app.get_event(&tenant, &id).await?;
+    Ok(Json(EventDto::from(&event)).into_response())
+}
+
+async fn get_delivery<S: Store, Q: DeliveryQueue, C: Clock>(
+    State(state): State<ApiState<S, Q, C>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let delivery = state.app.get_delivery(&tenant, &delivery_id(&id)?).await?;
+    Ok(Json(DeliveryDto::from(&delivery)).into_response())
+}
+
+async fn retry_delivery<S: Store, Q: DeliveryQueue, C: Clock>(
+    State(state): State<ApiState<S, Q, C>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let delivery = state
+        .app
+        .retry_delivery(&tenant, &delivery_id(&id)?)
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(DeliveryDto::from(&delivery))).into_response())
+}

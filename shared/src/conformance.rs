@@ -1,0 +1,1033 @@
+//! The store conformance suite: what every [`Store`] backend must do, checked the way a user
+//! would notice it. SQLite runs it now and DynamoDB runs it unchanged, so the cases use only the
+//! trait and assume nothing else about the backend (not even that the store is in-process).
+//!
+//! A backend's tests call [`store_conformance_tests!`](crate::store_conformance_tests) with an
+//! `async fn() -> impl Store` returning a fresh, empty store; each case becomes one test.
+
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+
+use crate::domain::{
+    ApiKeyRecord, Attempt, CallbackUrl, Delivery, DeliveryId, DeliveryStatus, Event, EventId,
+    EventType, EventTypePattern, Secret, Subscription, SubscriptionId, SubscriptionStatus,
+    TenantId, Timestamp,
+};
+use crate::ports::{InsertOutcome, NewEvent, Page, PageRequest, Store, StoreError};
+use crate::retry::AttemptClass;
+
+/// Expands to one `#[tokio::test]` per conformance case, named after the case.
+///
+/// `$fresh` is an `async fn() -> impl Store` giving a fresh, empty store for each test. The
+/// calling crate needs `tokio` with the `macros` feature.
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($fresh:path) => {
+        // Every `pub async fn` case of `conformance` must be listed here.
+        $crate::store_conformance_tests!(@cases $fresh;
+            api_keys_put_and_lookup,
+            subscription_insert_get_update_delete,
+            duplicate_subscription_insert_conflicts,
+            missing_subscription_update_and_delete_are_not_found,
+            subscriptions_are_isolated_by_tenant,
+            events_and_deliveries_are_isolated_by_tenant,
+            list_subscriptions_pages_oldest_first,
+            known_idempotency_key_returns_first_event,
+            repeated_event_id_returns_existing,
+            event_ids_and_idempotency_keys_are_per_tenant,
+            deliveries_are_written_with_their_event,
+            list_deliveries_pages_newest_first,
+            deleting_a_subscription_keeps_its_deliveries,
+            event_data_bytes_are_preserved,
+            update_delivery_is_version_checked,
+            update_of_unknown_delivery_is_not_found,
+            due_deliveries_returns_due_work_earliest_first,
+            due_index_follows_delivery_updates,
+            timestamps_round_trip_exactly,
+        );
+    };
+    (@cases $fresh:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $case() {
+                $crate::conformance::$case(&$fresh().await).await;
+            }
+        )*
+    };
+}
+
+// ---- fixtures ----
+
+/// A fixed origin for fixture times (2023-11-14T22:13:20Z), so failures print readable instants.
+pub const BASE_MILLIS: i64 = 1_700_000_000_000;
+
+/// How long after creation the sweep picks up a delivery no queue message started.
+pub const GRACE: Duration = Duration::from_secs(60);
+
+/// `BASE_MILLIS + offset_ms`.
+pub fn ts(offset_ms: i64) -> Timestamp {
+    Timestamp::from_unix_millis(BASE_MILLIS + offset_ms)
+}
+
+pub fn tenant(name: &str) -> TenantId {
+    TenantId::parse(name).expect("fixture tenant id")
+}
+
+/// The lower-case ULID text of an id created at `at`. Ids made this way sort like their times,
+/// even when a test creates many within one millisecond.
+fn ulid_at(at: Timestamp) -> String {
+    let ms = u64::try_from(at.unix_millis()).expect("fixture times are after 1970");
+    ulid::Ulid::from_parts(ms, rand::random::<u128>())
+        .to_string()
+        .to_ascii_lowercase()
+}
+
+pub fn subscription_id_at(at: Timestamp) -> SubscriptionId {
+    SubscriptionId::parse(&format!("{}{}", SubscriptionId::PREFIX, ulid_at(at)))
+        .expect("fixture subscription id")
+}
+
+pub fn delivery_id_at(at: Timestamp) -> DeliveryId {
+    DeliveryId::parse(&format!("{}{}", DeliveryId::PREFIX, ulid_at(at)))
+        .expect("fixture delivery id")
+}
+
+/// An active subscription to `order.*` of `tenant`, created at `created_at`.
+pub fn subscription(tenant: &TenantId, created_at: Timestamp) -> Subscription {
+    Subscription {
+        id: subscription_id_at(created_at),
+        tenant_id: tenant.clone(),
+        event_types: vec![EventTypePattern::parse("order.*").expect("fixture pattern")],
+        callback_url: CallbackUrl::parse("https://receiver.example.com/hooks")
+            .expect("fixture url"),
+        secret: Secret::generate(),
+        description: format!("created at {created_at}"),
+        status: SubscriptionStatus::Active,
+        created_at,
+        updated_at: created_at,
+    }
+}
+
+/// An `order.created` event of `tenant` with the given `data` JSON text (kept byte for byte).
+pub fn event(tenant: &TenantId, at: Timestamp, data: &str) -> Event {
+    Event {
+        id: EventId::parse(&format!("evt_{}", ulid_at(at))).expect("fixture event id"),
+        tenant_id: tenant.clone(),
+        event_type: EventType::parse("order.created").expect("fixture event type"),
+        occurred_at: at,
+        data: RawValue::from_string(data.to_owned()).expect("fixture data is JSON"),
+        received_at: at,
+    }
+}
+
+/// A new (pending) delivery to `subscription`, created at `at`, for a fresh event id.
+pub fn delivery_for(tenant: &TenantId, subscription: &Subscription, at: Timestamp) -> Delivery {
+    let event_id = EventId::parse(&format!("evt_{}", ulid_at(at))).expect("fixture event id");
+    let mut d = Delivery::new(tenant.clone(), event_id, subscription.id.clone(), at, GRACE);
+    d.id = delivery_id_at(at);
+    d
+}
+
+/// An event at `at` with one new delivery per entry of `subscriptions` (repeats allowed), and
+/// no idempotency key.
+pub fn new_event(
+    tenant: &TenantId,
+    subscriptions: &[&Subscription],
+    at: Timestamp,
+    data: &str,
+) -> NewEvent {
+    let event = event(tenant, at, data);
+    let deliveries = subscriptions
+        .iter()
+        .map(|s| {
+            let mut d = Delivery::new(tenant.clone(), event.id.clone(), s.id.clone(), at, GRACE);
+            d.id = delivery_id_at(at);
+            d
+        })
+        .collect();
+    NewEvent {
+        event,
+        deliveries,
+        idempotency_key: None,
+    }
+}
+
+/// A finished attempt, as a worker records it.
+pub fn attempt(number: u32, started_at: Timestamp, outcome: AttemptClass) -> Attempt {
+    Attempt {
+        number,
+        started_at,
+        latency_ms: 42,
+        outcome,
+        status_code: Some(match outcome {
+            AttemptClass::Delivered => 200,
+            AttemptClass::Retryable => 503,
+            AttemptClass::Permanent => 400,
+        }),
+        error: None,
+        response_snippet: Some("ok".into()),
+    }
+}
+
+/// Writes `next` over `current` the way a use case does: version bumped, checked against
+/// `current.version`. Returns what was written.
+pub async fn save<S: Store>(store: &S, current: &Delivery, mut next: Delivery) -> Delivery {
+    next.version = current.version + 1;
+    store
+        .update_delivery(&next, current.version)
+        .await
+        .expect("version-checked write of the current version");
+    next
+}
+
+async fn insert_all<S: Store>(store: &S, subscriptions: &[&Subscription]) {
+    for s in subscriptions {
+        store
+            .insert_subscription(s)
+            .await
+            .expect("insert subscription");
+    }
+}
+
+async fn created<S: Store>(store: &S, new: &NewEvent) {
+    assert_eq!(
+        store.insert_event(new).await.expect("insert event"),
+        InsertOutcome::Created,
+        "a new event is created"
+    );
+}
+
+/// Follows cursors from the first page to the last, failing if the pages never end.
+pub async fn subscription_pages<S: Store>(
+    store: &S,
+    tenant: &TenantId,
+    limit: u32,
+) -> Vec<Page<Subscription>> {
+    let mut pages = Vec::new();
+    let mut after = None;
+    for _ in 0..100 {
+        let page = store
+            .list_subscriptions(tenant, &PageRequest { limit, after })
+            .await
+            .expect("list subscriptions");
+        after = page.next.clone();
+        pages.push(page);
+        if after.is_none() {
+            return pages;
+        }
+    }
+    panic!("list_subscriptions never returned a last page");
+}
+
+/// Follows cursors from the first page to the last, failing if the pages never end.
+pub async fn delivery_pages<S: Store>(
+    store: &S,
+    tenant: &TenantId,
+    subscription: &SubscriptionId,
+    limit: u32,
+) -> Vec<Page<Delivery>> {
+    let mut pages = Vec::new();
+    let mut after = None;
+    for _ in 0..100 {
+        let page = store
+            .list_deliveries(tenant, subscription, &PageRequest { limit, after })
+            .await
+            .expect("list deliveries");
+        after = page.next.clone();
+        pages.push(page);
+        if after.is_none() {
+            return pages;
+        }
+    }
+    panic!("list_deliveries never returned a last page");
+}
+
+fn ids<T>(items: &[T], id: impl Fn(&T) -> String) -> Vec<String> {
+    items.iter().map(id).collect()
+}
+
+fn sub_ids(items: &[Subscription]) -> Vec<String> {
+    ids(items, |s| s.id.to_string())
+}
+
+fn delivery_ids(items: &[Delivery]) -> Vec<String> {
+    ids(items, |d| d.id.to_string())
+}
+
+// ---- cases ----
+
+pub async fn api_keys_put_and_lookup<S: Store>(store: &S) {
+    let (a, b) = (tenant("tenant-a"), tenant("tenant-b"));
+    let key_a = ApiKeyRecord {
+        key_hash: "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8".into(),
+        tenant_id: a.clone(),
+        created_at: ts(1),
+    };
+    let key_b = ApiKeyRecord {
+        key_hash: "6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875b4b".into(),
+        tenant_id: b.clone(),
+        created_at: ts(2),
+    };
+    assert_eq!(
+        store.tenant_for_api_key(&key_a.key_hash).await.unwrap(),
+        None
+    );
+    store.put_api_key(&key_a).await.unwrap();
+    store.put_api_key(&key_b).await.unwrap();
+    assert_eq!(
+        store.tenant_for_api_key(&key_a.key_hash).await.unwrap(),
+        Some(a.clone())
+    );
+    assert_eq!(
+        store.tenant_for_api_key(&key_b.key_hash).await.unwrap(),
+        Some(b)
+    );
+    assert_eq!(store.tenant_for_api_key("unknown").await.unwrap(), None);
+    // Putting the same key again (a retried CLI call) is harmless.
+    store.put_api_key(&key_a).await.unwrap();
+    assert_eq!(
+        store.tenant_for_api_key(&key_a.key_hash).await.unwrap(),
+        Some(a)
+    );
+}
+
+pub async fn subscription_insert_get_update_delete<S: Store>(store: &S) {
+    let a = tenant("tenant-a");
+    let s = subscription(&a, ts(0));
+    store.insert_subscription(&s).await.unwrap();
+    assert_eq!(
+        store.get_subscription(&a, &s.id).await.unwrap(),
+        Some(s.clone())
+    );
+
+    let mut changed = s.clone();
+    changed.description = "changed".into();
+    changed.status = SubscriptionStatus::Paused;
+    changed.event_types = vec![
+        EventTypePattern::parse("invoice.paid").unwrap(),
+        EventTypePattern::parse("*").unwrap(),
+    ];
+    changed.callback_url = CallbackUrl::parse("https://other.example.com/x?y=1").unwrap();
+    changed.secret = Secret::generate();
+    changed.updated_at = ts(5_000);
+    store.update_subscription(&changed).await.unwrap();
+    assert_eq!(
+        store.get_subscription(&a, &s.id).await.unwrap(),
+        Some(changed.clone())
+    );
+    assert_eq!(store.tenant_subscriptions(&a).await.unwrap(), vec![changed]);
+
+    store.delete_subscription(&a, &s.id).await.unwrap();
+    assert_eq!(store.get_subscription(&a, &s.id).await.unwrap(), None);
+    assert_eq!(store.tenant_subscriptions(&a).await.unwrap(), vec![]);
+    let again = store.delete_subscription(&a, &s.id).await;
+    assert!(
+        matches!(again, Err(StoreError::NotFound)),
+        "second delete: {again:?}"
+    );
+}
+
+pub async fn duplicate_subscription_insert_conflicts<S: Store>(store: &S) {
+    let a = tenant("tenant-a");
+    let s = subscription(&a, ts(0));
+    store.insert_subscription(&s).await.unwrap();
+    let mut imposter = s.clone();
+    imposter.description = "imposter".into();
+    imposter.callback_url = CallbackUrl::parse("https://evil.example.com/").unwrap();
+    let r = store.insert_subscription(&imposter).await;
+    assert!(
+        matches!(r, Err(StoreError::Conflict)),
+        "duplicate insert: {r:?}"
+    );
+    assert_eq!(
+        store.get_subscription(&a, &s.id).await.unwrap(),
+        Some(s.clone())
+    );
+    assert_eq!(store.tenant_subscriptions(&a).await.unwrap(), vec![s]);
+}
+
+pub async fn missing_subscription_update_and_delete_are_not_found<S: Store>(store: &S) {
+    let a = tenant("tenant-a");
+    let ghost = subscription(&a, ts(0));
+    let r = store.update_subscription(&ghost).await;
+    assert!(
+        matches!(r, Err(StoreError::NotFound)),
+        "update of a missing one: {r:?}"
+    );
+    // The failed update must not have created it.
+    assert_eq!(store.get_subscription(&a, &ghost.id).await.unwrap(), None);
+    let r = store.delete_subscription(&a, &ghost.id).await;
+    assert!(
+        matches!(r, Err(StoreError::NotFound)),
+        "delete of a missing one: {r:?}"
+    );
+}
+
+pub async fn subscriptions_are_isolated_by_tenant<S: Store>(store: &S) {
+    let (a, b) = (tenant("tenant-a"), tenant("tenant-b"));
+    let (a1, a2, b1) = (
+        subscription(&a, ts(0)),
+        subscription(&a, ts(1)),
+        subscription(&b, ts(2)),
+    );
+    insert_all(store, &[&a1, &a2, &b1]).await;
+
+    assert_eq!(store.get_subscription(&b, &a1.id).await.unwrap(), None);
+    assert_eq!(store.get_subscription(&a, &b1.id).await.unwrap(), None);
+
+    // B addressing A's subscription by its id: not found, and A's is untouched.
+    let mut hijack = a1.clone();
+    hijack.tenant_id = b.clone();
+    hijack.callback_url = CallbackUrl::parse("https://evil.example.com/").unwrap();
+    let r = store.update_subscription(&hijack).await;
+    assert!(
+        matches!(r, Err(StoreError::NotFound)),
+        "cross-tenant update: {r:?}"
+    );
+    let r = store.delete_subscription(&b, &a1.id).await;
+    assert!(
+        matches!(r, Err(StoreError::NotFound)),
+        "cross-tenant delete: {r:?}"
+    );
+    assert_eq!(
+        store.get_subscription(&a, &a1.id).await.unwrap(),
+        Some(a1.clone())
+    );
+    assert_eq!(store.get_subscription(&b, &a1.id).await.unwrap(), None);
+
+    let page_b = store
+        .list_subscriptions(
+            &b,
+            &PageRequest {
+                limit: 10,
+                after: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        page_b,
+        Page {
+            items: vec![b1.clone()],
+            next: None
+        }
+    );
+    let page_a = store
+        .list_subscriptions(
+            &a,
+            &PageRequest {
+                limit: 10,
+                after: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(sub_ids(&page_a.items), sub_ids(&[a1.clone(), a2.clone()]));
+    assert_eq!(store.tenant_subscriptions(&b).await.unwrap(), vec![b1]);
+    let mut all_a = store.tenant_subscriptions(&a).await.unwrap();
+    all_a.sort_by(|x, y| x.id.cmp(&y.id));
+    assert_eq!(all_a, vec![a1, a2]);
+    assert_eq!(
+        store
+            .tenant_subscriptions(&tenant("tenant-c"))
+            .await
+            .unwrap(),
+        vec![]
+    );
+}
+
+pub async fn events_and_deliveries_are_isolated_by_tenant<S: Store>(store: &S) {
+    let (a, b) = (tenant("tenant-a"), tenant("tenant-b"));
+    let sa = subscription(&a, ts(0));
+    let sb = subscription(&b, ts(1));
+    insert_all(store, &[&sa, &sb]).await;
+    let ea = new_event(&a, &[&sa], ts(10), r#"{"secret":"a"}"#);
+    created(store, &ea).await;
+    let da = &ea.deliveries[0];
+
+    assert_eq!(store.get_event(&b, &ea.event.id).await.unwrap(), None);
+    assert_eq!(store.get_delivery(&b, &da.id).await.unwrap(), None);
+    let listed = store
+        .list_deliveries(
+            &b,
+            &sa.id,
+            &PageRequest {
+                limit: 10,
+                after: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        listed,
+        Page {
+            items: vec![],
+            next: None
+        }
+    );
+
+    // B writing A's delivery (same id, B's tenant): not found, and A's is untouched.
+    let mut hijack = da
+        .leased(ts(20), "b-worker".into(), Duration::from_secs(30))
+        .unwrap();
+    hijack.tenant_id = b.clone();
+    hijack.version = da.version + 1;
+    let r = store.update_delivery(&hijack, da.version).await;
+    assert!(
+        matches!(r, Err(StoreError::NotFound)),
+        "cross-tenant delivery write: {r:?}"
+    );
+    assert_eq!(
+        store.get_delivery(&a, &da.id).await.unwrap().as_ref(),
+        Some(da)
+    );
+    assert_eq!(
+        store.get_event(&a, &ea.event.id).await.unwrap(),
+        Some(ea.event.clone())
+    );
+
+    // The sweep sees the delivery under its own tenant.
+    let due = store
+        .due_deliveries(ts(10).saturating_add(GRACE), 10)
+        .await
+        .unwrap();
+    assert_eq!(due.len(), 1, "{due:?}");
+    assert_eq!((&due[0].tenant_id, &due[0].delivery_id), (&a, &da.id));
+}
+
+pub async fn list_subscriptions_pages_oldest_first<S: Store>(store: &S) {
+    let (a, b) = (tenant("tenant-a"), tenant("tenant-b"));
+    let subs: Vec<Subscription> = (0..7).map(|i| subscription(&a, ts(i * 1_000))).collect();
+    // Inserted out of order, with another tenant's in between: the listing must not care.
+    for i in [3, 0, 6, 1, 5, 2, 4] {
+        store.insert_subscription(&subs[i]).await.unwrap();
+        store
+            .insert_subscription(&subscription(&b, ts(i as i64 * 1_000 + 1)))
+            .await
+            .unwrap();
+    }
+
+    let pages = subscription_pages(store, &a, 3).await;
+    let sizes: Vec<usize> = pages.iter().map(|p| p.items.len()).collect();
+    assert_eq!(sizes, vec![3, 3, 1], "7 items by 3");
+    assert!(pages[0].next.is_some() && pages[1].next.is_some());
+    assert_eq!(pages[2].next, None);
+    let listed: Vec<Subscription> = pages.into_iter().flat_map(|p| p.items).collect();
+    assert_eq!(listed, subs, "every item once, oldest first");
+
+    // A page that holds exactly the rest has no cursor: there is no empty last page.
+    let exact = subscription_pages(store, &a, 7).await;
+    assert_eq!(exact.len(), 1);
+    assert_eq!(exact[0].items, subs);
+    assert_eq!(exact[0].next, None);
+    let pages = subscription_pages(store, &a, 1).await;
+    assert_eq!(pages.len(), 7);
+    let listed: Vec<Subscription> = pages.into_iter().flat_map(|p| p.items).collect();
+    assert_eq!(listed, subs);
+
+    let none = subscription_pages(store, &tenant("tenant-c"), 3).await;
+    assert_eq!(
+        none,
+        vec![Page {
+            items: vec![],
+            next: None
+        }]
+    );
+}
+
+pub async fn known_idempotency_key_returns_first_event<S: Store>(store: &S) {
+    let a = tenant("tenant-a");
+    let s = subscription(&a, ts(0));
+    insert_all(store, &[&s]).await;
+    let mut first = new_event(&a, &[&s], ts(10), r#"{"n":1}"#);
+    first.idempotency_key = Some("retry-me".into());
+    created(store, &first).await;
+
+    // A retried publish: new event id, same key.
+    let mut retry = new_event(&a, &[&s], ts(20), r#"{"n":2}"#);
+    retry.idempotency_key = Some("retry-me".into());
+    assert_eq!(
+        store.insert_event(&retry).await.unwrap(),
+        InsertOutcome::Existing(first.event.id.clone())
+    );
+    assert_eq!(store.get_event(&a, &retry.event.id).await.unwrap(), None);
+    assert_eq!(
+        store
+            .get_delivery(&a, &retry.deliveries[0].id)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store.get_event(&a, &first.event.id).await.unwrap(),
+        Some(first.event.clone())
+    );
+    let listed = store
+        .list_deliveries(
+            &a,
+            &s.id,
+            &PageRequest {
+                limit: 10,
+                after: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.items, first.deliveries,
+        "no second set of deliveries"
+    );
+
+    // The same retry again, this time with the first event id too.
+    let mut same = first.clone();
+    same.deliveries = new_event(&a, &[&s], ts(30), "1").deliveries;
+    assert_eq!(
+        store.insert_event(&same).await.unwrap(),
+        InsertOutcome::Existing(first.event.id.clone())
+    );
+    assert_eq!(
+        store
+            .get_delivery(&a, &same.deliveries[0].id)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+pub async fn repeated_event_id_returns_existing<S: Store>(store: &S) {
+    let a = tenant("tenant-a");
+    let s = subscription(&a, ts(0));
+    insert_all(store, &[&s]).await;
+    let first = new_event(&a, &[&s], ts(10), r#"{"v":"first"}"#);
+    created(store, &first).await;
+
+    // The producer supplied the same eventId again (no Idempotency-Key), with other data.
+    let mut again = new_event(&a, &[&s, &s], ts(20), r#"{"v":"second"}"#);
+    again.event.id = first.event.id.clone();
+    for d in &mut again.deliveries {
+        d.event_id = first.event.id.clone();
+    }
+    assert_eq!(
+        store.insert_event(&again).await.unwrap(),
+        InsertOutcome::Existing(first.event.id.clone())
+    );
+    let stored = store.get_event(&a, &first.event.id).await.unwrap().unwrap();
+    assert_eq!(
+        stored.data.get(),
+        r#"{"v":"first"}"#,
+        "the first event stays"
+    );
+    for d in &again.deliveries {
+        assert_eq!(store.get_delivery(&a, &d.id).await.unwrap(), None);
+    }
+    let listed = store
+        .list_deliveries(
+            &a,
+            &s.id,
+            &PageRequest {
+                limit: 10,
+                after: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed.items, first.deliveries);
+}
+
+pub async fn event_ids_and_idempotency_keys_are_per_tenant<S: Store>(store: &S) {
+    let (a, b) = (tenant("tenant-a"), tenant("tenant-b"));
+    let id = EventId::parse("order-1001").unwrap();
+    let mut ea = new_event(&a, &[], ts(10), r#"{"for":"a"}"#);
+    ea.event.id = id.clone();
+    let mut eb = new_event(&b, &[], ts(11), r#"{"for":"b"}"#);
+    eb.event.id = id.clone();
+    created(store, &ea).await;
+    created(store, &eb).await;
+    assert_eq!(store.get_event(&a, &id).await.unwrap(), Some(ea.event));
+    assert_eq!(store.get_event(&b, &id).await.unwrap(), Some(eb.event));
+
+    // One idempotency key used by two tenants: two events.
+    let mut ka = new_event(&a, &[], ts(20), "1");
+    ka.idempotency_key = Some("shared-key".into());
+    let mut kb = new_event(&b, &[], ts(21), "2");
+    kb.idempotency_key = Some("shared-key".into());
+    created(store, &ka).await;
+    created(store, &kb).await;
+    assert_eq!(
+        store.get_event(&b, &kb.event.id).await.unwrap(),
+        Some(kb.event)
+    );
+}
+
+pub async fn deliveries_are_written_with_their_event<S: Store>(store: &S) {
+    let a = tenant("tenant-a");
+    let (s1, s2, s3) = (
+        subscription(&a, ts(0)),
+        subscription(&a, ts(1)),
+        subscription(&a, ts(2)),
+    );
+    insert_all(store, &[&s1, &s2, &s3]).await;
+    let new = new_event(&a, &[&s1, &s2, &s3], ts(10), r#"{"id":7}"#);
+    created(store, &new).await;
+    for d in &new.deliveries {
+        assert_eq!(
+            store.get_delivery(&a, &d.id).await.unwrap().as_ref(),
+            Some(d)
+        );
+    }
+    for (s, d) in [&s1, &s2, &s3].into_iter().zip(&new.deliveries) {
+        let listed = store
+            .list_deliveries(
+                &a,
+                &s.id,
+                &PageRequest {
+                    limit: 10,
+                    after: None,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            listed,
+            Page {
+                items: vec![d.clone()],
+                next: None
+            }
+        );
+    }
+    // An event no subscription wants is still stored.
+    let lonely = new_event(&a, &[], ts(20), "null");
+    created(store, &lonely).await;
+    assert_eq!(
+        store.get_event(&a, &lonely.event.id).await.unwrap(),
+        Some(lonely.event)
+    );
+}
+
+pub async fn list_deliveries_pages_newest_first<S: Store>(store: &S) {
+    let a = tenant("tenant-a");
+    let (x, y) = (subscription(&a, ts(0)), subscription(&a, ts(1)));
+    insert_all(store, &[&x, &y]).await;
+    let mut to_x = Vec::new();
+    let mut to_y = Vec::new();
+    for i in 0..5 {
+        let new = new_event(&a, &[&x, &y], ts(1_000 * (i + 1)), "{}");
+        created(store, &new).await;
+        to_x.push(new.deliveries[0].clone());
+        to_y.push(new.deliveries[1].clone());
+    }
+    to_x.reverse();
+    to_y.reverse();
+
+    let pages = delivery_pages(store, &a, &x.id, 2).await;
+    let sizes: Vec<usize> = pages.iter().map(|p| p.items.len()).collect();
+    assert_eq!(sizes, vec![2, 2, 1]);
+    let listed: Vec<Delivery> = pages.into_iter().flat_map(|p| p.items).collect();
+    assert_eq!(
+        delivery_ids(&listed),
+        delivery_ids(&to_x),
+        "newest first, only x's"
+    );
+    assert_eq!(listed, to_x);
+
+    let exact = delivery_pages(store, &a, &y.id, 5).await;
+    assert_eq!(exact.len(), 1, "exactly full page has no cursor");
+    assert_eq!(exact[0].items, to_y);
+
+    let none = delivery_pages(store, &a, &subscription_id_at(ts(2)), 2).await;
+    assert_eq!(
+        none,
+        vec![Page {
+            items: vec![],
+            next: None
+        }]
+    );
+}
+
+pub async fn deleting_a_subscription_keeps_its_deliveries<S: Store>(store: &S) {
+    let a = tenant("tenant-a");
+    let s = subscription(&a, ts(0));
+    insert_all(store, &[&s]).await;
+    let new = new_event(&a, &[&s], ts(10), "{}");
+    created(store, &new).await;
+    store.delete_subscription(&a, &s.id).await.unwrap();
+    let d = &new.deliveries[0];
+    assert_eq!(
+        store.get_delivery(&a, &d.id).await.unwrap().as_ref(),
+        Some(d)
+    );
+    let listed = store
+        .list_deliveries(
+            &a,
+            &s.id,
+            &PageRequest {
+                limit: 10,
+                after: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.items, new.deliveries,
+        "the delivery log outlives the subscription"
+    );
+}
+
+pub async fn event_data_bytes_are_preserved<S: Store>(store: &S) {
+    let a = tenant("tenant-a");
+    let odd = [
+        r#"{"b":1,  "a":[1,2]}"#,
+        "{\n  \"z\" : 1.50e+2 ,\"a\":[ true,null ],\"s\":\"\\u00e9 é \\\" \\n\"}",
+        r#"{"big":123456789012345678901234567890,"neg":-0.0}"#,
+        r#""just a string""#,
+        "[]",
+    ];
+    let mut written = Vec::new();
+    for (i, data) in odd.iter().enumerate() {
+        let new = new_event(&a, &[], ts(i as i64), data);
+        created(store, &new).await;
+        written.push(new.event);
+    }
+    for (event, data) in written.iter().zip(odd) {
+        let stored = store.get_event(&a, &event.id).await.unwrap().unwrap();
+        assert_eq!(stored.data.get(), data, "data bytes");
+        assert_eq!(stored.payload(), event.payload(), "delivered body");
+    }
+}
+
+pub async fn update_delivery_is_version_checked<S: Store>(store: &S) {
+    let a = tenant("tenant-a");
+    let s = subscription(&a, ts(0));
+    let new = new_event(&a, &[&s], ts(10), "{}");
+    created(store, &new).await;
+    let d = new.deliveries[0].clone();
+
+    let lease = Duration::from_secs(30);
+    let w1 = save(
+        store,
+        &d,
+        d.leased(ts(20), "worker-1".into(), lease).unwrap(),
+    )
+    .await;
+    assert_eq!(
+        store.get_delivery(&a, &d.id).await.unwrap(),
+        Some(w1.clone())
+    );
+
+    // A second worker read the same version: its lease must lose.
+    let mut w2 = d.leased(ts(21), "worker-2".into(), lease).unwrap();
+    w2.version = d.version + 1;
+    let r = store.update_delivery(&w2, d.version).await;
+    assert!(matches!(r, Err(StoreError::Conflict)), "stale write: {r:?}");
+    assert_eq!(
+        store.get_delivery(&a, &d.id).await.unwrap(),
+        Some(w1.clone())
+    );
+
+    let done = w1.with_attempt(
+        attempt(1, ts(22), AttemptClass::Delivered),
+        DeliveryStatus::Succeeded,
+        None,
+        None,
+        ts(23),
+    );
+    let done = save(store, &w1, done).await;
+    assert_eq!(
+        store.get_delivery(&a, &d.id).await.unwrap(),
+        Some(done.clone())
+    );
+    // Writing over w1's version again is stale now.
+    let mut late = w1.clone();
+    late.version = w1.version + 1;
+    let r = store.update_delivery(&late, w1.version).await;
+    assert!(
+        matches!(r, Err(StoreError::Conflict)),
+        "stale write after success: {r:?}"
+    );
+    assert_eq!(store.get_delivery(&a, &d.id).await.unwrap(), Some(done));
+}
+
+pub async fn update_of_unknown_delivery_is_not_found<S: Store>(store: &S) {
+    let a = tenant("tenant-a");
+    let s = subscription(&a, ts(0));
+    let ghost = delivery_for(&a, &s, ts(10));
+    let mut next = ghost
+        .leased(ts(20), "w".into(), Duration::from_secs(30))
+        .unwrap();
+    next.version = 1;
+    let r = store.update_delivery(&next, 0).await;
+    assert!(
+        matches!(r, Err(StoreError::NotFound)),
+        "unknown delivery: {r:?}"
+    );
+    // The failed write must not have created it.
+    assert_eq!(store.get_delivery(&a, &ghost.id).await.unwrap(), None);
+    assert_eq!(
+        store.due_deliveries(ts(1_000_000), 10).await.unwrap(),
+        vec![]
+    );
+}
+
+pub async fn due_deliveries_returns_due_work_earliest_first<S: Store>(store: &S) {
+    let (a, b) = (tenant("tenant-a"), tenant("tenant-b"));
+    let (sa, sb) = (subscription(&a, ts(0)), subscription(&b, ts(0)));
+    let t0 = ts(0);
+    let ea = new_event(&a, &[&sa, &sa], t0, "{}");
+    let eb = new_event(&b, &[&sb, &sb], t0, "{}");
+    created(store, &ea).await;
+    created(store, &eb).await;
+    let (pending, done) = (&ea.deliveries[0], &ea.deliveries[1]);
+    let (leased, retrying) = (&eb.deliveries[0], &eb.deliveries[1]);
+
+    // pending: untouched, due after the grace (t0 + 60 s).
+    // leased: due when its lease runs out (t0 + 30 s).
+    save(
+        store,
+        leased,
+        leased
+            .leased(t0, "w".into(), Duration::from_secs(30))
+            .unwrap(),
+    )
+    .await;
+    // retrying: one failed attempt, due again at t0 + 10 s.
+    let retry_at = ts(10_000);
+    let next = retrying.with_attempt(
+        attempt(1, t0, AttemptClass::Retryable),
+        DeliveryStatus::Retrying,
+        Some(retry_at),
+        Some(retry_at),
+        t0,
+    );
+    save(store, retrying, next).await;
+    // done: succeeded, never due again.
+    let next = done.with_attempt(
+        attempt(1, t0, AttemptClass::Delivered),
+        DeliveryStatus::Succeeded,
+        None,
+        None,
+        t0,
+    );
+    save(store, done, next).await;
+
+    let due = |now: Timestamp, limit: u32| async move {
+        store
+            .due_deliveries(now, limit)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.tenant_id, d.delivery_id, d.due_at))
+            .collect::<Vec<_>>()
+    };
+    let r = (b.clone(), retrying.id.clone(), retry_at);
+    let l = (b.clone(), leased.id.clone(), ts(30_000));
+    let p = (a.clone(), pending.id.clone(), ts(60_000));
+
+    assert_eq!(due(ts(9_999), 10).await, vec![], "nothing due yet");
+    assert_eq!(
+        due(ts(30_000), 10).await,
+        vec![r.clone(), l.clone()],
+        "due_at == now is due"
+    );
+    assert_eq!(
+        due(ts(3_600_000), 10).await,
+        vec![r.clone(), l.clone(), p],
+        "final ones never"
+    );
+    assert_eq!(
+        due(ts(3_600_000), 2).await,
+        vec![r.clone(), l],
+        "limit keeps the earliest"
+    );
+    assert_eq!(due(ts(3_600_000), 1).await, vec![r]);
+}
+
+pub async fn due_index_follows_delivery_updates<S: Store>(store: &S) {
+    let a = tenant("tenant-a");
+    let s = subscription(&a, ts(0));
+    let new = new_event(&a, &[&s, &s], ts(0), "{}");
+    created(store, &new).await;
+    let (finishing, postponed) = (&new.deliveries[0], &new.deliveries[1]);
+    let due_ids = |now: Timestamp| async move {
+        store
+            .due_deliveries(now, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.delivery_id)
+            .collect::<Vec<_>>()
+    };
+    let grace_over = ts(0).saturating_add(GRACE);
+    assert_eq!(due_ids(grace_over).await.len(), 2);
+
+    // Going final leaves the due index.
+    let next = finishing.with_attempt(
+        attempt(1, ts(5), AttemptClass::Permanent),
+        DeliveryStatus::Failed,
+        None,
+        None,
+        ts(6),
+    );
+    save(store, finishing, next).await;
+    // Rescheduling moves it.
+    let later = ts(7_200_000);
+    let next = postponed.with_attempt(
+        attempt(1, ts(5), AttemptClass::Retryable),
+        DeliveryStatus::Retrying,
+        Some(later),
+        Some(later),
+        ts(6),
+    );
+    save(store, postponed, next).await;
+    assert_eq!(
+        due_ids(grace_over).await,
+        vec![],
+        "neither is due at the old time"
+    );
+    assert_eq!(due_ids(later).await, vec![postponed.id.clone()]);
+
+    // And an operator's retry brings a final delivery back.
+    let failed = store
+        .get_delivery(&a, &finishing.id)
+        .await
+        .unwrap()
+        .unwrap();
+    save(store, &failed, failed.rescheduled(ts(10), GRACE)).await;
+    let back = ts(10).saturating_add(GRACE);
+    assert_eq!(due_ids(back).await, vec![finishing.id.clone()]);
+}
+
+pub async fn timestamps_round_trip_exactly<S: Store>(store: &S) {
+    let a = tenant("tenant-a");
+    let mut s = subscription(&a, ts(1));
+    s.updated_at = ts(999);
+    insert_all(store, &[&s]).await;
+    assert_eq!(
+        store.get_subscription(&a, &s.id).await.unwrap(),
+        Some(s.clone())
+    );
+
+    let mut new = new_event(&a, &[&s], ts(7), "{}");
+    new.event.occurred_at = Timestamp::from_unix_millis(-1); // 1969-12-31T23:59:59.999Z
+    new.event.received_at = ts(7);
+    created(store, &new).await;
+    let stored = store.get_event(&a, &new.event.id).await.unwrap().unwrap();
+    assert_eq!(stored.occurred_at, new.event.occurred_at);
+    assert_eq!(stored.received_at, new.event.received_at);
+
+    let d = &new.deliveries[0];
+    let odd = ts(123_457);
+    let far = Timestamp::from_unix_millis(4_102_444_800_001); // 2100-01-01T00:00:00.001Z
+    let next = d.with_attempt(
+        attempt(1, ts(11), AttemptClass::Retryable),
+        DeliveryStatus::Retrying,
+        Some(odd),
+        Some(far),
+        ts(13),
+    );
+    let written = save(store, d, next).await;
+    assert_eq!(store.get_delivery(&a, &d.id).await.unwrap(), Some(written));
+    let due = store.due_deliveries(far, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].due_at, far);
+}

@@ -1,0 +1,123 @@
+//! The URL a subscription's deliveries are POSTed to.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CallbackUrlError(String);
+
+pub const MAX_CALLBACK_URL_LEN: usize = 2048;
+
+/// An absolute `http`/`https` URL with a host, no credentials and no fragment.
+/// Whether its address may be reached is the egress guard's call at send time, not the parser's:
+/// DNS answers change, so a check here would give false comfort.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallbackUrl(url::Url);
+
+impl CallbackUrl {
+    pub fn parse(s: &str) -> Result<Self, CallbackUrlError> {
+        if s.len() > MAX_CALLBACK_URL_LEN {
+            return Err(CallbackUrlError(format!(
+                "must be at most {MAX_CALLBACK_URL_LEN} characters"
+            )));
+        }
+        let url =
+            url::Url::parse(s).map_err(|e| CallbackUrlError(format!("not a valid URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(CallbackUrlError(format!(
+                "scheme `{}` is not allowed: use https (or http)",
+                url.scheme()
+            )));
+        }
+        if url.host().is_none() {
+            return Err(CallbackUrlError("must have a host".into()));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(CallbackUrlError(
+                "must not contain credentials: use the signature to authenticate deliveries".into(),
+            ));
+        }
+        if url.fragment().is_some() {
+            return Err(CallbackUrlError(
+                "must not contain a fragment (`#…`)".into(),
+            ));
+        }
+        Ok(Self(url))
+    }
+
+    pub fn as_url(&self) -> &url::Url {
+        &self.0
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl fmt::Display for CallbackUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.as_str())
+    }
+}
+
+impl Serialize for CallbackUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for CallbackUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_http_and_https() {
+        for good in [
+            "https://example.com/hooks",
+            "http://127.0.0.1:9000/x?y=1",
+            "https://[::1]:8443/",
+            "http://localhost/",
+        ] {
+            assert!(CallbackUrl::parse(good).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn rejects_everything_else() {
+        for bad in [
+            "",
+            "example.com/hooks",
+            "ftp://example.com/",
+            "file:///etc/passwd",
+            "https://user:pass@example.com/",
+            "https://example.com/#frag",
+            "http://",
+            "javascript:alert(1)",
+        ] {
+            assert!(CallbackUrl::parse(bad).is_err(), "{bad}");
+        }
+        let long = format!("https://example.com/{}", "a".repeat(MAX_CALLBACK_URL_LEN));
+        assert!(CallbackUrl::parse(&long).is_err());
+    }
+
+    #[test]
+    fn loopback_shorthands_are_normalized() {
+        // The egress guard relies on the parser turning these into plain IP literals.
+        assert_eq!(
+            CallbackUrl::parse("http://127.1:8080/")
+                .unwrap()
+                .as_url()
+                .host_str(),
+            Some("127.0.0.1")
+        );
+    }
+}

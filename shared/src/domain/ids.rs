@@ -1,0 +1,202 @@
+//! Prefixed identifiers. A value of these types is always well formed: parse at the edge.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct IdError(pub String);
+
+macro_rules! prefixed_id {
+    ($(#[$doc:meta])* $name:ident, $prefix:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
+
+        impl $name {
+            pub const PREFIX: &'static str = $prefix;
+
+            /// A new id; ULIDs sort by creation time, which keeps listings in order.
+            pub fn generate() -> Self {
+                Self(format!("{}{}", $prefix, ulid::Ulid::new().to_string().to_ascii_lowercase()))
+            }
+
+            pub fn parse(s: &str) -> Result<Self, IdError> {
+                let rest = s.strip_prefix($prefix).ok_or_else(|| {
+                    IdError(format!("must start with `{}`", $prefix))
+                })?;
+                if rest.len() != 26 || ulid::Ulid::from_string(&rest.to_ascii_uppercase()).is_err() {
+                    return Err(IdError(format!("`{s}` is not a valid {} id", $prefix.trim_end_matches('_'))));
+                }
+                Ok(Self(s.to_owned()))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                Self::parse(&s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+prefixed_id!(
+    /// A webhook subscription: `sub_…`.
+    SubscriptionId,
+    "sub_"
+);
+prefixed_id!(
+    /// One event's delivery to one subscription: `dlv_…`.
+    DeliveryId,
+    "dlv_"
+);
+
+/// An event id. Generated ids look like `evt_…`; producers may bring their own (it is also the
+/// idempotency key), so any 1–128 characters of `[A-Za-z0-9._:-]` are accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct EventId(String);
+
+impl EventId {
+    pub fn generate() -> Self {
+        Self(format!(
+            "evt_{}",
+            ulid::Ulid::new().to_string().to_ascii_lowercase()
+        ))
+    }
+
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        if s.is_empty() || s.len() > 128 {
+            return Err(IdError("must be 1 to 128 characters".into()));
+        }
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+        {
+            return Err(IdError(
+                "may contain only letters, digits and `._:-`".into(),
+            ));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for EventId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A tenant: the owner of API keys, subscriptions, events and deliveries.
+/// Lower-case letters, digits, `-` and `_`, 1–64 characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct TenantId(String);
+
+impl TenantId {
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        if s.is_empty() || s.len() > 64 {
+            return Err(IdError("tenant must be 1 to 64 characters".into()));
+        }
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'))
+        {
+            return Err(IdError(
+                "tenant may contain only lower-case letters, digits, `-` and `_`".into(),
+            ));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for TenantId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_parse_back() {
+        let sub = SubscriptionId::generate();
+        assert!(sub.as_str().starts_with("sub_"));
+        assert_eq!(SubscriptionId::parse(sub.as_str()).unwrap(), sub);
+        let dlv = DeliveryId::generate();
+        assert_eq!(DeliveryId::parse(dlv.as_str()).unwrap(), dlv);
+        let evt = EventId::generate();
+        assert!(evt.as_str().starts_with("evt_"));
+        assert_eq!(EventId::parse(evt.as_str()).unwrap(), evt);
+    }
+
+    #[test]
+    fn prefixed_ids_reject_wrong_prefix_and_garbage() {
+        let dlv = DeliveryId::generate();
+        assert!(SubscriptionId::parse(dlv.as_str()).is_err());
+        assert!(SubscriptionId::parse("sub_").is_err());
+        assert!(SubscriptionId::parse("sub_not-a-ulid-at-all-xxxxxxxx").is_err());
+        assert!(SubscriptionId::parse("").is_err());
+        assert!(DeliveryId::parse("dlv_01h!").is_err());
+    }
+
+    #[test]
+    fn event_ids_from_producers() {
+        assert!(EventId::parse("order-123.shipped:v2_x").is_ok());
+        assert!(EventId::parse("").is_err());
+        assert!(EventId::parse(&"a".repeat(129)).is_err());
+        assert!(EventId::parse(&"a".repeat(128)).is_ok());
+        assert!(EventId::parse("has space").is_err());
+        assert!(EventId::parse("slash/y").is_err());
+    }
+
+    #[test]
+    fn tenant_ids() {
+        assert!(TenantId::parse("acme-prod_1").is_ok());
+        assert!(TenantId::parse("Acme").is_err());
+        assert!(TenantId::parse("").is_err());
+        assert!(TenantId::parse(&"a".repeat(65)).is_err());
+    }
+}

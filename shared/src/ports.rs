@@ -1,0 +1,303 @@
+//! The seams. Use cases are generic over these traits; each has an embedded backend and an AWS one.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use crate::domain::{
+    ApiKeyRecord, Delivery, DeliveryId, Event, EventId, Subscription, SubscriptionId, TenantId,
+    Timestamp,
+};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    /// A conditional write lost: someone else changed the item first.
+    #[error("conflicting write")]
+    Conflict,
+    #[error("store unavailable: {0}")]
+    Unavailable(#[source] BoxError),
+}
+
+impl StoreError {
+    pub fn unavailable(e: impl Into<BoxError>) -> Self {
+        Self::Unavailable(e.into())
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A page request: at most `limit` items after the opaque cursor `after`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PageRequest {
+    pub limit: u32,
+    pub after: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Cursor for the next page; `None` on the last one.
+    pub next: Option<String>,
+}
+
+/// An event and its deliveries, written all or nothing.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub event: Event,
+    pub deliveries: Vec<Delivery>,
+    /// The producer's `Idempotency-Key`; the event id itself is always unique per tenant too.
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InsertOutcome {
+    Created,
+    /// The idempotency key or event id was seen before: this is the event it created.
+    Existing(EventId),
+}
+
+/// A delivery the sweep should look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueDelivery {
+    pub tenant_id: TenantId,
+    pub delivery_id: DeliveryId,
+    pub due_at: Timestamp,
+}
+
+/// The system of record. Every method is scoped to a tenant except the sweep's index query.
+pub trait Store: Send + Sync + 'static {
+    fn put_api_key(&self, key: &ApiKeyRecord) -> impl Future<Output = StoreResult<()>> + Send;
+    fn tenant_for_api_key(
+        &self,
+        key_hash: &str,
+    ) -> impl Future<Output = StoreResult<Option<TenantId>>> + Send;
+
+    /// Fails with `Conflict` if the id exists.
+    fn insert_subscription(
+        &self,
+        subscription: &Subscription,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    fn get_subscription(
+        &self,
+        tenant: &TenantId,
+        id: &SubscriptionId,
+    ) -> impl Future<Output = StoreResult<Option<Subscription>>> + Send;
+    /// Oldest first.
+    fn list_subscriptions(
+        &self,
+        tenant: &TenantId,
+        page: &PageRequest,
+    ) -> impl Future<Output = StoreResult<Page<Subscription>>> + Send;
+    /// Replaces an existing subscription; `NotFound` if it is gone.
+    fn update_subscription(
+        &self,
+        subscription: &Subscription,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    /// `NotFound` if it is not there (or belongs to another tenant).
+    fn delete_subscription(
+        &self,
+        tenant: &TenantId,
+        id: &SubscriptionId,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Every subscription of the tenant (fan-out filters them by status and pattern).
+    fn tenant_subscriptions(
+        &self,
+        tenant: &TenantId,
+    ) -> impl Future<Output = StoreResult<Vec<Subscription>>> + Send;
+
+    fn insert_event(
+        &self,
+        new: &NewEvent,
+    ) -> impl Future<Output = StoreResult<InsertOutcome>> + Send;
+    fn get_event(
+        &self,
+        tenant: &TenantId,
+        id: &EventId,
+    ) -> impl Future<Output = StoreResult<Option<Event>>> + Send;
+
+    fn get_delivery(
+        &self,
+        tenant: &TenantId,
+        id: &DeliveryId,
+    ) -> impl Future<Output = StoreResult<Option<Delivery>>> + Send;
+    /// Writes `delivery` (whose `version` is already bumped) only if the stored version is
+    /// `expected_version`; otherwise `Conflict`.
+    fn update_delivery(
+        &self,
+        delivery: &Delivery,
+        expected_version: u64,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    /// A subscription's deliveries, newest first.
+    fn list_deliveries(
+        &self,
+        tenant: &TenantId,
+        subscription: &SubscriptionId,
+        page: &PageRequest,
+    ) -> impl Future<Output = StoreResult<Page<Delivery>>> + Send;
+    /// Deliveries with `due_at <= now`, earliest first, across tenants.
+    fn due_deliveries(
+        &self,
+        now: Timestamp,
+        limit: u32,
+    ) -> impl Future<Output = StoreResult<Vec<DueDelivery>>> + Send;
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("queue unavailable: {0}")]
+pub struct QueueError(#[source] pub BoxError);
+
+/// A message asking a worker to attempt one delivery.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryJob {
+    pub tenant_id: TenantId,
+    pub delivery_id: DeliveryId,
+}
+
+/// Work to do soon. Losing a message is survivable (the sweep re-sends it); the store decides.
+pub trait DeliveryQueue: Send + Sync + 'static {
+    /// The longest delay the queue holds a job for; longer waits are left to the sweep.
+    fn max_delay(&self) -> Duration;
+    fn enqueue(
+        &self,
+        jobs: Vec<(DeliveryJob, Duration)>,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send;
+}
+
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> Timestamp;
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+}
+
+/// A clock tests move by hand.
+#[derive(Debug, Clone, Default)]
+pub struct FakeClock(Arc<AtomicI64>);
+
+impl FakeClock {
+    pub fn at(t: Timestamp) -> Self {
+        Self(Arc::new(AtomicI64::new(t.unix_millis())))
+    }
+
+    pub fn advance(&self, d: Duration) {
+        self.0.fetch_add(
+            i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+            Ordering::SeqCst,
+        );
+    }
+
+    pub fn set(&self, t: Timestamp) {
+        self.0.store(t.unix_millis(), Ordering::SeqCst);
+    }
+}
+
+impl Clock for FakeClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::from_unix_millis(self.0.load(Ordering::SeqCst))
+    }
+}
+
+impl<T: Store> Store for Arc<T> {
+    fn put_api_key(&self, key: &ApiKeyRecord) -> impl Future<Output = StoreResult<()>> + Send {
+        (**self).put_api_key(key)
+    }
+    fn tenant_for_api_key(
+        &self,
+        key_hash: &str,
+    ) -> impl Future<Output = StoreResult<Option<TenantId>>> + Send {
+        (**self).tenant_for_api_key(key_hash)
+    }
+    fn insert_subscription(
+        &self,
+        subscription: &Subscription,
+    ) -> impl Future<Output = StoreResult<()>> + Send {
+        (**self).insert_subscription(subscription)
+    }
+    fn get_subscription(
+        &self,
+        tenant: &TenantId,
+        id: &SubscriptionId,
+    ) -> impl Future<Output = StoreResult<Option<Subscription>>> + Send {
+        (**self).get_subscription(tenant, id)
+    }
+    fn list_subscriptions(
+        &self,
+        tenant: &TenantId,
+        page: &PageRequest,
+    ) -> impl Future<Output = StoreResult<Page<Subscription>>> + Send {
+        (**self).list_subscriptions(tenant, page)
+    }
+    fn update_subscription(
+        &self,
+        subscription: &Subscription,
+    ) -> impl Future<Output = StoreResult<()>> + Send {
+        (**self).update_subscription(subscription)
+    }
+    fn delete_subscription(
+        &self,
+        tenant: &TenantId,
+        id: &SubscriptionId,
+    ) -> impl Future<Output = StoreResult<()>> + Send {
+        (**self).delete_subscription(tenant, id)
+    }
+    fn tenant_subscriptions(
+        &self,
+        tenant: &TenantId,
+    ) -> impl Future<Output = StoreResult<Vec<Subscription>>> + Send {
+        (**self).tenant_subscriptions(tenant)
+    }
+    fn insert_event(
+        &self,
+        new: &NewEvent,
+    ) -> impl Future<Output = StoreResult<InsertOutcome>> + Send {
+        (**self).insert_event(new)
+    }
+    fn get_event(
+        &self,
+        tenant: &TenantId,
+        id: &EventId,
+    ) -> impl Future<Output = StoreResult<Option<Event>>> + Send {
+        (**self).get_event(tenant, id)
+    }
+    fn get_delivery(
+        &self,
+        tenant: &TenantId,
+        id: &DeliveryId,
+    ) -> impl Future<Output = StoreResult<Option<Delivery>>> + Send {
+        (**self).get_delivery(tenant, id)
+    }
+    fn update_delivery(
+        &self,
+        delivery: &Delivery,
+        expected_version: u64,
+    ) -> impl Future<Output = StoreResult<()>> + Send {
+        (**self).update_delivery(delivery, expected_version)
+    }
+    fn list_deliveries(
+        &self,
+        tenant: &TenantId,
+        subscription: &SubscriptionId,
+        page: &PageRequest,
+    ) -> impl Future<Output = StoreResult<Page<Delivery>>> + Send {
+        (**self).list_deliveries(tenant, subscription, page)
+    }
+    fn due_deliveries(
+        &self,
+        now: Timestamp,
+        limit: u32,
+    ) -> impl Future<Output = StoreResult<Vec<DueDelivery>>> + Send {
+        (**self).due_deliveries(now, limit)
+    }
+}
