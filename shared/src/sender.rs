@@ -197,8 +197,10 @@ impl ReqwestSender {
     }
 
     /// Refuses what can be refused without a connection: bad schemes and IP-literal hosts, which
-    /// reqwest connects to without consulting the resolver hook.
-    fn precheck(&self, url: &Url) -> Result<(), (TransportFailure, String)> {
+    /// reqwest connects to without consulting the resolver hook. An IPv4-mapped IPv6 literal
+    /// (`[::ffff:a.b.c.d]`) is rewritten to the IPv4 address it names: that is the address the
+    /// guard vetted, and the one dialled.
+    fn precheck(&self, url: &mut Url) -> Result<(), (TransportFailure, String)> {
         if !matches!(url.scheme(), "http" | "https") {
             return Err((
                 TransportFailure::InvalidUrl,
@@ -216,7 +218,18 @@ impl ReqwestSender {
         self.guard
             .policy
             .check(ip)
-            .map_err(|refusal| (TransportFailure::Refused, refusal.to_string()))
+            .map_err(|refusal| (TransportFailure::Refused, refusal.to_string()))?;
+        if let IpAddr::V6(v6) = ip
+            && let Some(v4) = v6.to_ipv4_mapped()
+        {
+            url.set_ip_host(IpAddr::V4(v4)).map_err(|()| {
+                (
+                    TransportFailure::InvalidUrl,
+                    "cannot rewrite mapped address".to_owned(),
+                )
+            })?;
+        }
+        Ok(())
     }
 
     /// Reads at most `max_response_bytes` of the body and stops; a body error keeps what arrived.
@@ -243,14 +256,14 @@ impl ReqwestSender {
 
 impl HttpSender for ReqwestSender {
     #[tracing::instrument(skip_all, fields(host = request.url.host_str()))]
-    async fn send(&self, request: OutboundRequest) -> SendOutcome {
+    async fn send(&self, mut request: OutboundRequest) -> SendOutcome {
         let started = Instant::now();
         let failed = |(failure, message): (TransportFailure, String)| SendOutcome::Failed {
             failure,
             message,
             latency: started.elapsed(),
         };
-        if let Err(refused) = self.precheck(&request.url) {
+        if let Err(refused) = self.precheck(&mut request.url) {
             return failed(refused);
         }
         let headers = match header_map(&request.headers) {

@@ -41,16 +41,11 @@ async fn delivers_exactly_the_published_event_signed() {
     let secret = sub["secret"].as_str().unwrap();
     assert!(secret.starts_with("whsec_"));
 
+    // Sent as raw bytes: key order and inner spacing of `data` must reach the consumer unchanged.
+    let body = r#"{"eventType":"order.shipped","occurredAt":"2026-11-25T10:00:00.250+01:00","data":{"orderId":42, "items":["a","b"],"total":9.5}}"#;
     let published = server
         .api
-        .post(
-            "/events",
-            &json!({
-                "eventType": "order.shipped",
-                "occurredAt": "2026-11-25T10:00:00.250+01:00",
-                "data": {"orderId": 42, "items": ["a", "b"], "total": 9.5}
-            }),
-        )
+        .send(reqwest::Method::POST, "/events", Some(body.as_bytes()), &[])
         .await;
     assert_eq!(published.status, 202);
     let event_id = published.body["eventId"].as_str().unwrap();
@@ -59,7 +54,7 @@ async fn delivers_exactly_the_published_event_signed() {
     let got = receiver.wait_for("/hooks", 1, WAIT).await;
     let r = &got[0];
     let expected = format!(
-        r#"{{"eventId":"{event_id}","eventType":"order.shipped","occurredAt":"2026-11-25T09:00:00.250Z","data":{{"orderId":42,"items":["a","b"],"total":9.5}}}}"#
+        r#"{{"eventId":"{event_id}","eventType":"order.shipped","occurredAt":"2026-11-25T09:00:00.250Z","data":{{"orderId":42, "items":["a","b"],"total":9.5}}}}"#
     );
     assert_eq!(std::str::from_utf8(&r.body).unwrap(), expected);
     assert_eq!(r.header("content-type"), "application/json");
