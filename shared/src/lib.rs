@@ -16,3 +16,5 @@ pub mod sender;
 pub mod signing;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+#[cfg(feature = "aws")]
+pub mod aws;
