@@ -451,7 +451,7 @@ impl reqwest::dns::Resolve for GuardedResolver {
 }
 
 /// reqwest's `rustls-no-provider` needs a process-wide default; ring is the one we link.
-fn install_crypto_provider() {
+pub fn install_crypto_provider() {
     static INSTALL: Once = Once::new();
     INSTALL.call_once(|| {
         // Err means another part of the process installed one first, which serves as well.

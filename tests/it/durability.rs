@@ -121,3 +121,53 @@ async fn keys_create_adds_a_tenant_while_serve_runs() {
     assert!(String::from_utf8_lossy(&second.stderr).contains("in use"));
     server.kill().await;
 }
+
+#[tokio::test]
+async fn listen_prints_and_verifies_deliveries() {
+    use tokio::io::AsyncBufReadExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TidingsProcess::serve(dir.path(), &[]).await;
+    // Reserve a free port for the listener, then hand it over.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sub = server
+        .api
+        .subscribe(&format!("http://127.0.0.1:{port}/hooks"), &["demo.*"])
+        .await;
+    let mut listen = tokio::process::Command::new(binary_path("tidings"))
+        .args([
+            "listen",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--secret",
+        ])
+        .arg(sub["secret"].as_str().unwrap())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut ready = tokio::io::BufReader::new(listen.stderr.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), ready.next_line())
+        .await
+        .expect("listen starts")
+        .unwrap()
+        .unwrap();
+    assert!(line.contains("listening on"), "{line}");
+    let event_id = server.api.publish("demo.hello", json!({"hi": true})).await;
+    let mut out = tokio::io::BufReader::new(listen.stdout.take().unwrap()).lines();
+    let printed = tokio::time::timeout(Duration::from_secs(15), out.next_line())
+        .await
+        .expect("a delivery is printed")
+        .unwrap()
+        .unwrap();
+    let printed: serde_json::Value = serde_json::from_str(&printed).unwrap();
+    assert_eq!(printed["verified"], true, "{printed}");
+    assert_eq!(printed["body"]["eventId"], event_id);
+    assert_eq!(printed["body"]["data"], json!({"hi": true}));
+    listen.kill().await.unwrap();
+    server.kill().await;
+}

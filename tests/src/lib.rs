@@ -200,6 +200,7 @@ pub struct ApiResponse {
 
 impl ApiClient {
     pub fn new(base: impl Into<String>, key: impl Into<String>) -> Self {
+        tidings_core::sender::install_crypto_provider();
         Self {
             base: base.into(),
             key: key.into(),
