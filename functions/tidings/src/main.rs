@@ -1,6 +1,7 @@
 //! `tidings`: the whole service on a laptop (`serve`), API keys (`keys create`) and a receiver
 //! that prints and verifies deliveries (`listen`).
 
+mod bench;
 mod listen;
 
 use std::net::SocketAddr;
@@ -39,6 +40,10 @@ enum Command {
     },
     /// A webhook receiver for trying Tidings out: prints each delivery and verifies its signature.
     Listen(listen::ListenArgs),
+    /// The end-to-end benchmark: a `serve` child on a fresh data directory, a verifying receiver,
+    /// N events through the API, and the same load straight to the receiver as a baseline. Prints
+    /// one JSON line.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -107,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
             command: KeysCommand::Create { tenant, data_dir },
         } => create_key(&tenant, data_dir).await,
         Command::Listen(args) => listen::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
     }
 }
 
