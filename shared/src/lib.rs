@@ -5,6 +5,8 @@
 
 pub mod api;
 pub mod app;
+#[cfg(feature = "aws")]
+pub mod aws;
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 pub mod domain;
@@ -16,5 +18,3 @@ pub mod sender;
 pub mod signing;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
-#[cfg(feature = "aws")]
-pub mod aws;

@@ -60,7 +60,7 @@ fn keyed_mac(key: &[u8], msg_id: &str, timestamp: i64, body: &[u8]) -> HmacSha25
     mac
 }
 
-/// Signs `{msg_id}.{timestamp}.{body}` with HMAC-SHA256; returns "v1,<base64>".
+/// Signs `{msg_id}.{timestamp}.{body}` with HMAC-SHA256; returns `v1,<base64>`.
 pub fn sign(key: &[u8], msg_id: &str, timestamp: i64, body: &[u8]) -> String {
     let tag = keyed_mac(key, msg_id, timestamp, body)
         .finalize()
@@ -79,7 +79,7 @@ pub fn signature_header(keys: &[&[u8]], msg_id: &str, timestamp: i64, body: &[u8
         .join(" ")
 }
 
-/// Verifies: timestamp within tolerance of `now` (both directions), and at least one "v1,<b64>" entry
+/// Verifies: timestamp within tolerance of `now` (both directions), and at least one `v1,<b64>` entry
 /// in the space-separated signature header matches (constant-time, via `Mac::verify_slice`).
 /// Entries with other version prefixes, and undecodable entries, are ignored.
 ///
@@ -133,7 +133,7 @@ pub fn verify(
     }
 }
 
-/// Decodes a "whsec_<base64>" secret string into key bytes (also accepts a string without the prefix).
+/// Decodes a `whsec_<base64>` secret string into key bytes (also accepts a string without the prefix).
 ///
 /// Surrounding whitespace is ignored, since secrets often arrive from env vars or files
 /// with a trailing newline.

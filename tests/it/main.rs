@@ -2,6 +2,7 @@
 //! real `tidings` binary), a real receiver, real signatures.
 
 mod api;
+mod aws;
 mod delivery;
 mod durability;
 mod egress;

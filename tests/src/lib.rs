@@ -1,5 +1,8 @@
 //! The end-to-end harness: a recording webhook receiver, the all-in-one server on port 0 (in
 //! process or as the real `tidings` binary), and an API client. Everything listens on 127.0.0.1.
+//! [`aws_local`] is the local Lambda / API Gateway / SQS-trigger stand-in (`tidings-aws-local`).
+
+pub mod aws_local;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;

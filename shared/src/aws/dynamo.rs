@@ -1,1 +1,1198 @@
-//! DynamoDB store (being written).
+//! The DynamoDB store: one on-demand table holding every entity, each under its own key.
+//!
+//! # Table layout
+//!
+//! [`DynamoStore::create_table`] is the reference; the SAM template mirrors it.
+//!
+//! - Billing: `PAY_PER_REQUEST`. TTL: attribute `expires_at` (Number, epoch seconds).
+//! - Table key: `pk` (String, HASH). No sort key: every item is keyed by its own id, with the
+//!   tenant in the key, so a busy tenant spreads over many partitions.
+//! - Index `list`: `list_pk` (String, HASH), `list_sk` (String, RANGE); projection `INCLUDE`
+//!   of the attribute `subscription`. Subscription items carry their body into it (fan-out reads
+//!   them in one `Query`); delivery items leave only their keys, so a delivery's state changes
+//!   never write to this index.
+//! - Index `due`: `due_shard` (Number, HASH), `due_at` (Number, RANGE, epoch milliseconds);
+//!   projection `KEYS_ONLY`. Sparse: both attributes exist only while the delivery's `due_at` is
+//!   set, so the sweep reads live work only. The shard (`0..DUE_SHARDS`, from a hash of the
+//!   delivery id) spreads the index over [`DUE_SHARDS`] partition keys.
+//!
+//! | item | `pk` | `list_pk` / `list_sk` | `due_shard` / `due_at` | other attributes |
+//! | --- | --- | --- | --- | --- |
+//! | API key | `KEY#{key_hash}` | | | `api_key` (map) |
+//! | subscription | `T#{tenant}#SUB#{id}` | `T#{tenant}#SUBS` / `{id}` | | `subscription` (map) |
+//! | event | `T#{tenant}#EVT#{id}` | | | `event` (map, `data` a string), `expires_at` |
+//! | idempotency key | `T#{tenant}#IDEM#{key}` | | | `event_id`, `expires_at` |
+//! | delivery | `T#{tenant}#DLV#{id}` | `T#{tenant}#SUB#{subscription}#DLVS` / `{id}` | while due | `delivery` (map), `expires_at` |
+//!
+//! Tenant ids and generated ids never contain `#`, so keys cannot collide. Subscription and
+//! delivery ids are ULID based and sort by creation time, which orders the `list` index.
+//! Retention (TTL, default 30 days) counts from the event's `received_at` for the event and its
+//! idempotency key, and from `created_at` for a delivery, so an event and its deliveries expire
+//! together.
+//!
+//! # DynamoDB calls per [`Store`] method
+//!
+//! Every `GetItem` and `BatchGetItem` is strongly consistent; index queries cannot be, so a list
+//! (and fan-out's `tenant_subscriptions`) may miss a write made a moment before.
+//!
+//! | method | calls |
+//! | --- | --- |
+//! | `put_api_key` | 1 `PutItem` |
+//! | `tenant_for_api_key` | 1 `GetItem` |
+//! | `insert_subscription` | 1 `PutItem` (`attribute_not_exists`) |
+//! | `get_subscription` | 1 `GetItem` |
+//! | `list_subscriptions` | 1 `Query` on `list` (`Limit` = limit + 1) |
+//! | `update_subscription` | 1 `PutItem` (`attribute_exists`) |
+//! | `delete_subscription` | 1 `DeleteItem` (`attribute_exists`) |
+//! | `tenant_subscriptions` | 1 `Query` on `list` |
+//! | `insert_event`, up to 98 deliveries (99 without an idempotency key) | 1 `TransactWriteItems` (event, key, deliveries); 1 conditional `PutItem` instead when the event is the only item. A repeat costs nothing more on AWS (the failed condition returns the old item); +1 `GetItem` where an emulator leaves it out |
+//! | `insert_event`, more deliveries | 1 `BatchGetItem` (is it a repeat?) + ⌈n/25⌉ `BatchWriteItem` (deliveries) + 1 `TransactWriteItems` (event + key; or `PutItem`); a repeat caught only by the last write adds ⌈n/25⌉ `BatchWriteItem` deleting the deliveries again |
+//! | `get_event` | 1 `GetItem` |
+//! | `get_delivery` | 1 `GetItem` |
+//! | `update_delivery` | 1 `PutItem` (version condition, `ALL_OLD` on failure) |
+//! | `list_deliveries` | 1 `Query` on `list` (keys) + 1 `BatchGetItem` per 100 items of the page |
+//! | `due_deliveries` | [`DUE_SHARDS`] `Query`s on `due`, run concurrently |
+//!
+//! Queries page on past 1 MB, and batch calls retry their unprocessed items; neither happens at
+//! this service's item sizes and page limits in normal operation.
+//!
+//! Index writes per delivery write: `list` only when the delivery is created (keys only);
+//! `due` when `due_at` changes (a changed key is a delete plus a put in the index).
+//!
+//! # Large fan-out
+//!
+//! `TransactWriteItems` takes at most 100 items. An event with more deliveries writes the
+//! deliveries first (`BatchWriteItem`, unconditional) and the event with its idempotency key last,
+//! in one transaction. The event becomes visible only when all its deliveries exist, so an
+//! accepted event never misses a delivery. The price: should the process die between the two
+//! steps, the deliveries stay without an accepted event. The producer got no answer and
+//! publishes again; the orphans then either fail visibly ("event not found") or, where the retry
+//! reused the event id, are sent in addition to the retry's own deliveries: at least once, never
+//! lost. A repeat of an already accepted event is caught before writing (one `BatchGetItem`), and
+//! a repeat racing past that check deletes the deliveries it wrote.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::client::Waiters as _;
+use aws_sdk_dynamodb::operation::put_item::PutItemError;
+use aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder;
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, CancellationReason, DeleteRequest,
+    GlobalSecondaryIndex, KeySchemaElement, KeyType, KeysAndAttributes, Projection, ProjectionType,
+    Put, PutRequest, ReturnValuesOnConditionCheckFailure, ScalarAttributeType,
+    TimeToLiveSpecification, TimeToLiveStatus, TransactWriteItem, WriteRequest,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_dynamo::aws_sdk_dynamodb_1 as serde_ddb;
+use serde_json::value::RawValue;
+
+use crate::domain::{
+    ApiKeyRecord, Delivery, DeliveryId, Event, EventId, EventType, Subscription, SubscriptionId,
+    TenantId, Timestamp,
+};
+use crate::ports::{
+    DueDelivery, InsertOutcome, NewEvent, Page, PageRequest, Store, StoreError, StoreResult,
+};
+
+/// The table's partition key.
+pub const PK: &str = "pk";
+/// The index listing a tenant's subscriptions and a subscription's deliveries.
+pub const LIST_INDEX: &str = "list";
+pub const LIST_PK: &str = "list_pk";
+pub const LIST_SK: &str = "list_sk";
+/// The sparse index of deliveries the sweep should look at.
+pub const DUE_INDEX: &str = "due";
+pub const DUE_SHARD: &str = "due_shard";
+pub const DUE_AT: &str = "due_at";
+/// The TTL attribute (epoch seconds).
+pub const TTL_ATTRIBUTE: &str = "expires_at";
+/// How many partition keys the due index is spread over. Part of the stored data: raising it is
+/// safe only once every delivery has been rewritten, lowering it hides the higher shards.
+pub const DUE_SHARDS: u8 = 8;
+/// How long retained items live by default.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+
+// The attributes holding each entity.
+const API_KEY: &str = "api_key";
+const SUBSCRIPTION: &str = "subscription";
+const EVENT: &str = "event";
+const DELIVERY: &str = "delivery";
+
+/// `TransactWriteItems` takes at most this many items.
+const MAX_TRANSACTION_ITEMS: usize = 100;
+/// `BatchWriteItem` takes at most this many requests.
+const MAX_BATCH_WRITE: usize = 25;
+/// `BatchGetItem` takes at most this many keys.
+const MAX_BATCH_GET: usize = 100;
+/// Tries of a call whose items were left unprocessed (throttling), or a transaction that lost to
+/// a concurrent one, before giving up as unavailable.
+const MAX_TRIES: u32 = 8;
+const TABLE_WAIT: Duration = Duration::from_secs(120);
+
+type Item = HashMap<String, AttributeValue>;
+
+/// The shared AWS configuration: the standard chain (`AWS_REGION`, credentials,
+/// `AWS_ENDPOINT_URL*`) over an HTTPS client using rustls with the ring provider.
+pub async fn load_sdk_config() -> aws_config::SdkConfig {
+    use aws_smithy_http_client::tls;
+    let http_client = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
+    aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http_client)
+        .load()
+        .await
+}
+
+/// A [`Store`] over one DynamoDB table (layout in the module docs).
+#[derive(Debug, Clone)]
+pub struct DynamoStore {
+    client: Client,
+    table: String,
+    retention: Duration,
+}
+
+impl DynamoStore {
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        Self {
+            client,
+            table: table.into(),
+            retention: DEFAULT_RETENTION,
+        }
+    }
+
+    /// How long events, deliveries and idempotency keys are kept (DynamoDB TTL).
+    pub fn with_retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Creates the table with its indexes and TTL, and waits until it is active. Idempotent: an
+    /// existing table is left as it is (its TTL is switched on if it is off).
+    pub async fn create_table(client: &Client, table: &str) -> Result<(), StoreError> {
+        let created = client
+            .create_table()
+            .table_name(table)
+            .billing_mode(BillingMode::PayPerRequest)
+            .attribute_definitions(attribute(PK, ScalarAttributeType::S)?)
+            .attribute_definitions(attribute(LIST_PK, ScalarAttributeType::S)?)
+            .attribute_definitions(attribute(LIST_SK, ScalarAttributeType::S)?)
+            .attribute_definitions(attribute(DUE_SHARD, ScalarAttributeType::N)?)
+            .attribute_definitions(attribute(DUE_AT, ScalarAttributeType::N)?)
+            .key_schema(key_element(PK, KeyType::Hash)?)
+            .global_secondary_indexes(
+                GlobalSecondaryIndex::builder()
+                    .index_name(LIST_INDEX)
+                    .key_schema(key_element(LIST_PK, KeyType::Hash)?)
+                    .key_schema(key_element(LIST_SK, KeyType::Range)?)
+                    .projection(
+                        Projection::builder()
+                            .projection_type(ProjectionType::Include)
+                            .non_key_attributes(SUBSCRIPTION)
+                            .build(),
+                    )
+                    .build()
+                    .map_err(StoreError::unavailable)?,
+            )
+            .global_secondary_indexes(
+                GlobalSecondaryIndex::builder()
+                    .index_name(DUE_INDEX)
+                    .key_schema(key_element(DUE_SHARD, KeyType::Hash)?)
+                    .key_schema(key_element(DUE_AT, KeyType::Range)?)
+                    .projection(
+                        Projection::builder()
+                            .projection_type(ProjectionType::KeysOnly)
+                            .build(),
+                    )
+                    .build()
+                    .map_err(StoreError::unavailable)?,
+            )
+            .send()
+            .await;
+        match created {
+            Ok(_) => {}
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_resource_in_use_exception()) => {}
+            Err(e) => return Err(StoreError::unavailable(e)),
+        }
+        client
+            .wait_until_table_exists()
+            .table_name(table)
+            .wait(TABLE_WAIT)
+            .await
+            .map_err(StoreError::unavailable)?;
+
+        let ttl = client
+            .describe_time_to_live()
+            .table_name(table)
+            .send()
+            .await
+            .map_err(StoreError::unavailable)?;
+        let ttl = ttl.time_to_live_description();
+        match ttl.and_then(|d| d.time_to_live_status()) {
+            Some(TimeToLiveStatus::Enabled | TimeToLiveStatus::Enabling) => {
+                let attribute = ttl.and_then(|d| d.attribute_name());
+                if attribute != Some(TTL_ATTRIBUTE) {
+                    return Err(StoreError::unavailable(format!(
+                        "table {table} has TTL on {attribute:?}, not `{TTL_ATTRIBUTE}`"
+                    )));
+                }
+            }
+            _ => {
+                client
+                    .update_time_to_live()
+                    .table_name(table)
+                    .time_to_live_specification(
+                        TimeToLiveSpecification::builder()
+                            .enabled(true)
+                            .attribute_name(TTL_ATTRIBUTE)
+                            .build()
+                            .map_err(StoreError::unavailable)?,
+                    )
+                    .send()
+                    .await
+                    .map_err(StoreError::unavailable)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn expires_at(&self, from: Timestamp) -> i64 {
+        let retention = i64::try_from(self.retention.as_secs()).unwrap_or(i64::MAX);
+        from.unix_seconds().saturating_add(retention)
+    }
+
+    fn event_item(&self, event: &Event) -> StoreResult<Item> {
+        to_item(&EventItem {
+            pk: event_pk(&event.tenant_id, &event.id),
+            expires_at: self.expires_at(event.received_at),
+            event: StoredEvent::from(event),
+        })
+    }
+
+    fn idempotency_item(&self, event: &Event, key: &str) -> StoreResult<Item> {
+        to_item(&IdempotencyItem {
+            pk: idempotency_pk(&event.tenant_id, key),
+            event_id: event.id.clone(),
+            expires_at: self.expires_at(event.received_at),
+        })
+    }
+
+    fn delivery_item(&self, d: &Delivery) -> StoreResult<Item> {
+        let due_at = d.due_at.map(Timestamp::unix_millis);
+        to_item(&DeliveryItem {
+            pk: delivery_pk(&d.tenant_id, &d.id),
+            list_pk: deliveries_list_pk(&d.tenant_id, &d.subscription_id),
+            list_sk: d.id.as_str(),
+            due_shard: due_at.map(|_| due_shard(&d.id)),
+            due_at,
+            expires_at: self.expires_at(d.created_at),
+            delivery: d,
+        })
+    }
+
+    async fn get_item(&self, pk: String) -> StoreResult<Option<Item>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key(PK, AttributeValue::S(pk))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(StoreError::unavailable)?;
+        Ok(out.item)
+    }
+
+    async fn get_body<T: DeserializeOwned>(
+        &self,
+        pk: String,
+        attr: &str,
+    ) -> StoreResult<Option<T>> {
+        self.get_item(pk)
+            .await?
+            .map(|item| body(item, attr))
+            .transpose()
+    }
+
+    /// A `PutItem` with `condition` (on `#pk`); `Ok(false)` when the condition failed.
+    async fn put_if(&self, item: Item, condition: &str) -> StoreResult<bool> {
+        let put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression(condition)
+            .expression_attribute_names("#pk", PK)
+            .send()
+            .await;
+        match put {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(StoreError::unavailable(e)),
+        }
+    }
+
+    /// A conditional put for a transaction: only if the item is new, returning the old item when
+    /// it is not.
+    fn put_new(&self, item: Item) -> StoreResult<TransactWriteItem> {
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(#pk)")
+            .expression_attribute_names("#pk", PK)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .build()
+            .map_err(StoreError::unavailable)?;
+        Ok(TransactWriteItem::builder().put(put).build())
+    }
+
+    /// Writes the event, its idempotency key (if any) and `deliveries` all or nothing, each only
+    /// if it is new. A known event id or idempotency key gives `Existing`.
+    async fn write_new_event(
+        &self,
+        new: &NewEvent,
+        deliveries: Vec<Item>,
+    ) -> StoreResult<InsertOutcome> {
+        let event = self.event_item(&new.event)?;
+        let key = new
+            .idempotency_key
+            .as_deref()
+            .map(|k| self.idempotency_item(&new.event, k))
+            .transpose()?;
+        if key.is_none() && deliveries.is_empty() {
+            // A transaction of one item costs twice what a conditional put does.
+            return Ok(if self.put_if(event, "attribute_not_exists(#pk)").await? {
+                InsertOutcome::Created
+            } else {
+                InsertOutcome::Existing(new.event.id.clone())
+            });
+        }
+        let has_key = key.is_some();
+        let items = std::iter::once(event)
+            .chain(key)
+            .chain(deliveries)
+            .map(|item| self.put_new(item))
+            .collect::<StoreResult<Vec<_>>>()?;
+        let request = self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items));
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let e = match request.clone().send().await {
+                Ok(_) => return Ok(InsertOutcome::Created),
+                Err(e) => e,
+            };
+            let reasons = match e.as_service_error() {
+                Some(TransactWriteItemsError::TransactionCanceledException(c)) => {
+                    c.cancellation_reasons()
+                }
+                _ => return Err(StoreError::unavailable(e)),
+            };
+            // Reasons come in item order: the event, then the key, then the deliveries.
+            if has_key && condition_failed(reasons.get(1)) {
+                let old = reasons.get(1).and_then(CancellationReason::item);
+                return self.existing_from_key(new, old).await;
+            }
+            if condition_failed(reasons.first()) {
+                return Ok(InsertOutcome::Existing(new.event.id.clone()));
+            }
+            if reasons.iter().any(|r| condition_failed(Some(r))) {
+                // A delivery id already taken: not a repeat of this publish.
+                return Err(StoreError::Conflict);
+            }
+            let lost_a_race = reasons
+                .iter()
+                .any(|r| r.code() == Some("TransactionConflict"));
+            if !lost_a_race || tries >= MAX_TRIES {
+                return Err(StoreError::unavailable(e));
+            }
+            // Another write held one of the items (typically the same publish, retried at
+            // once): try again, and its condition will tell.
+            tokio::time::sleep(backoff(tries)).await;
+        }
+    }
+
+    /// The event a known idempotency key points at: from the failed condition's old item, or read
+    /// when the backend did not return it.
+    async fn existing_from_key(
+        &self,
+        new: &NewEvent,
+        old: Option<&Item>,
+    ) -> StoreResult<InsertOutcome> {
+        let item = match old {
+            Some(item) => item.clone(),
+            None => {
+                let key = new.idempotency_key.as_deref().unwrap_or_default();
+                self.get_item(idempotency_pk(&new.event.tenant_id, key))
+                    .await?
+                    .ok_or_else(|| {
+                        StoreError::unavailable("idempotency key vanished while publishing")
+                    })?
+            }
+        };
+        let item: IdempotencyItem = serde_ddb::from_item(item).map_err(StoreError::unavailable)?;
+        Ok(InsertOutcome::Existing(item.event_id))
+    }
+
+    /// Whether the event id or idempotency key is known already (one `BatchGetItem`).
+    async fn already_published(&self, new: &NewEvent) -> StoreResult<Option<EventId>> {
+        let event_pk = event_pk(&new.event.tenant_id, &new.event.id);
+        let key_pk = new
+            .idempotency_key
+            .as_deref()
+            .map(|k| idempotency_pk(&new.event.tenant_id, k));
+        let mut found = self
+            .batch_get(
+                std::iter::once(event_pk.clone())
+                    .chain(key_pk.clone())
+                    .collect(),
+            )
+            .await?;
+        if let Some(item) = key_pk.and_then(|pk| found.remove(&pk)) {
+            let item: IdempotencyItem =
+                serde_ddb::from_item(item).map_err(StoreError::unavailable)?;
+            return Ok(Some(item.event_id));
+        }
+        Ok(found.contains_key(&event_pk).then(|| new.event.id.clone()))
+    }
+
+    /// Strongly consistent reads of the items with these keys, by key; missing ones are absent.
+    async fn batch_get(&self, pks: Vec<String>) -> StoreResult<HashMap<String, Item>> {
+        let mut found = HashMap::with_capacity(pks.len());
+        for chunk in pks.chunks(MAX_BATCH_GET) {
+            let keys = chunk
+                .iter()
+                .map(|pk| HashMap::from([(PK.to_owned(), AttributeValue::S(pk.clone()))]))
+                .collect();
+            let mut request = Some(
+                KeysAndAttributes::builder()
+                    .set_keys(Some(keys))
+                    .consistent_read(true)
+                    .build()
+                    .map_err(StoreError::unavailable)?,
+            );
+            let mut tries = 0;
+            while let Some(keys) = request.take() {
+                tries += 1;
+                if tries > 1 {
+                    tokio::time::sleep(backoff(tries - 1)).await;
+                }
+                let mut out = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&self.table, keys)
+                    .send()
+                    .await
+                    .map_err(StoreError::unavailable)?;
+                for item in out
+                    .responses
+                    .as_mut()
+                    .and_then(|r| r.remove(&self.table))
+                    .unwrap_or_default()
+                {
+                    let pk = match item.get(PK) {
+                        Some(AttributeValue::S(pk)) => pk.clone(),
+                        _ => return Err(StoreError::unavailable("item without a string `pk`")),
+                    };
+                    found.insert(pk, item);
+                }
+                request = out
+                    .unprocessed_keys
+                    .and_then(|mut u| u.remove(&self.table))
+                    .filter(|k| !k.keys.is_empty());
+                if request.is_some() && tries >= MAX_TRIES {
+                    return Err(StoreError::unavailable(format!(
+                        "BatchGetItem left keys unprocessed after {tries} tries"
+                    )));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// `BatchWriteItem` in chunks of 25, retrying unprocessed requests.
+    async fn batch_write(&self, requests: Vec<WriteRequest>) -> StoreResult<()> {
+        for chunk in requests.chunks(MAX_BATCH_WRITE) {
+            let mut pending = chunk.to_vec();
+            let mut tries = 0;
+            while !pending.is_empty() {
+                tries += 1;
+                if tries > 1 {
+                    tokio::time::sleep(backoff(tries - 1)).await;
+                }
+                let out = self
+                    .client
+                    .batch_write_item()
+                    .request_items(&self.table, pending)
+                    .send()
+                    .await
+                    .map_err(StoreError::unavailable)?;
+                pending = out
+                    .unprocessed_items
+                    .and_then(|mut u| u.remove(&self.table))
+                    .unwrap_or_default();
+                if !pending.is_empty() && tries >= MAX_TRIES {
+                    return Err(StoreError::unavailable(format!(
+                        "BatchWriteItem left {} requests unprocessed after {tries} tries",
+                        pending.len()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// More deliveries than a transaction holds: deliveries first, then the event (module docs).
+    async fn insert_large_event(
+        &self,
+        new: &NewEvent,
+        deliveries: Vec<Item>,
+    ) -> StoreResult<InsertOutcome> {
+        if let Some(existing) = self.already_published(new).await? {
+            return Ok(InsertOutcome::Existing(existing));
+        }
+        let keys: Vec<String> = new
+            .deliveries
+            .iter()
+            .map(|d| delivery_pk(&d.tenant_id, &d.id))
+            .collect();
+        let puts = deliveries
+            .into_iter()
+            .map(|item| {
+                let put = PutRequest::builder()
+                    .set_item(Some(item))
+                    .build()
+                    .map_err(StoreError::unavailable)?;
+                Ok(WriteRequest::builder().put_request(put).build())
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        self.batch_write(puts).await?;
+        // Any error from here on may hide a committed event: the deliveries stay.
+        let outcome = self.write_new_event(new, Vec::new()).await?;
+        if let InsertOutcome::Existing(first) = &outcome {
+            // A repeat raced past the check: take back the deliveries of this attempt.
+            let deletes = keys
+                .into_iter()
+                .map(|pk| {
+                    let delete = DeleteRequest::builder()
+                        .key(PK, AttributeValue::S(pk))
+                        .build()
+                        .map_err(StoreError::unavailable)?;
+                    Ok(WriteRequest::builder().delete_request(delete).build())
+                })
+                .collect::<StoreResult<Vec<_>>>()?;
+            if let Err(e) = self.batch_write(deletes).await {
+                tracing::warn!(
+                    error = %e,
+                    event = %first,
+                    "could not delete the deliveries of a repeated publish; they will be sent too"
+                );
+            }
+        }
+        Ok(outcome)
+    }
+}
+
+fn attribute(name: &str, ty: ScalarAttributeType) -> StoreResult<AttributeDefinition> {
+    AttributeDefinition::builder()
+        .attribute_name(name)
+        .attribute_type(ty)
+        .build()
+        .map_err(StoreError::unavailable)
+}
+
+fn key_element(name: &str, ty: KeyType) -> StoreResult<KeySchemaElement> {
+    KeySchemaElement::builder()
+        .attribute_name(name)
+        .key_type(ty)
+        .build()
+        .map_err(StoreError::unavailable)
+}
+
+fn condition_failed(reason: Option<&CancellationReason>) -> bool {
+    reason.and_then(CancellationReason::code) == Some("ConditionalCheckFailed")
+}
+
+/// 50 ms, 100 ms, … up to 2 s.
+fn backoff(tries: u32) -> Duration {
+    Duration::from_millis(50u64.saturating_mul(1 << tries.min(6)).min(2_000))
+}
+
+// ---- keys ----
+
+fn api_key_pk(key_hash: &str) -> String {
+    format!("KEY#{key_hash}")
+}
+
+fn subscription_pk(tenant: &TenantId, id: &SubscriptionId) -> String {
+    format!("T#{tenant}#SUB#{id}")
+}
+
+fn subscriptions_list_pk(tenant: &TenantId) -> String {
+    format!("T#{tenant}#SUBS")
+}
+
+fn event_pk(tenant: &TenantId, id: &EventId) -> String {
+    format!("T#{tenant}#EVT#{id}")
+}
+
+fn idempotency_pk(tenant: &TenantId, key: &str) -> String {
+    format!("T#{tenant}#IDEM#{key}")
+}
+
+fn delivery_pk(tenant: &TenantId, id: &DeliveryId) -> String {
+    format!("T#{tenant}#DLV#{id}")
+}
+
+fn deliveries_list_pk(tenant: &TenantId, subscription: &SubscriptionId) -> String {
+    format!("T#{tenant}#SUB#{subscription}#DLVS")
+}
+
+/// The tenant and delivery id of a delivery's `pk`.
+fn parse_delivery_pk(pk: &str) -> StoreResult<(TenantId, DeliveryId)> {
+    let (tenant, id) = pk
+        .strip_prefix("T#")
+        .and_then(|rest| rest.split_once("#DLV#"))
+        .ok_or_else(|| StoreError::unavailable(format!("`{pk}` is not a delivery key")))?;
+    Ok((
+        TenantId::parse(tenant).map_err(StoreError::unavailable)?,
+        DeliveryId::parse(id).map_err(StoreError::unavailable)?,
+    ))
+}
+
+/// The due-index shard of a delivery: FNV-1a of its id, so it is the same in every build.
+fn due_shard(id: &DeliveryId) -> u8 {
+    let hash = id.as_str().bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % u64::from(DUE_SHARDS)) as u8
+}
+
+// ---- items ----
+
+#[derive(Serialize)]
+struct ApiKeyItem<'a> {
+    pk: String,
+    api_key: &'a ApiKeyRecord,
+}
+
+#[derive(Serialize)]
+struct SubscriptionItem<'a> {
+    pk: String,
+    list_pk: String,
+    list_sk: &'a str,
+    subscription: &'a Subscription,
+}
+
+#[derive(Serialize)]
+struct EventItem {
+    pk: String,
+    expires_at: i64,
+    event: StoredEvent,
+}
+
+/// An event as stored: `data` is the producer's JSON text, byte for byte, in a string attribute
+/// (a map would re-order and re-format it).
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredEvent {
+    id: EventId,
+    tenant_id: TenantId,
+    event_type: EventType,
+    occurred_at: Timestamp,
+    data: String,
+    received_at: Timestamp,
+}
+
+impl From<&Event> for StoredEvent {
+    fn from(e: &Event) -> Self {
+        Self {
+            id: e.id.clone(),
+            tenant_id: e.tenant_id.clone(),
+            event_type: e.event_type.clone(),
+            occurred_at: e.occurred_at,
+            data: e.data.get().to_owned(),
+            received_at: e.received_at,
+        }
+    }
+}
+
+impl TryFrom<StoredEvent> for Event {
+    type Error = StoreError;
+
+    fn try_from(e: StoredEvent) -> StoreResult<Self> {
+        Ok(Self {
+            id: e.id,
+            tenant_id: e.tenant_id,
+            event_type: e.event_type,
+            occurred_at: e.occurred_at,
+            data: RawValue::from_string(e.data).map_err(StoreError::unavailable)?,
+            received_at: e.received_at,
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct IdempotencyItem {
+    pk: String,
+    event_id: EventId,
+    expires_at: i64,
+}
+
+#[derive(Serialize)]
+struct DeliveryItem<'a> {
+    pk: String,
+    list_pk: String,
+    list_sk: &'a str,
+    // Absent, not null, while not due: that keeps the due index sparse.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    due_shard: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    due_at: Option<i64>,
+    expires_at: i64,
+    delivery: &'a Delivery,
+}
+
+/// What the due index holds of a delivery.
+#[derive(Deserialize)]
+struct DueEntry {
+    pk: String,
+    due_at: i64,
+}
+
+/// What the list index holds of a delivery.
+#[derive(Deserialize)]
+struct ListEntry {
+    pk: String,
+    list_sk: String,
+}
+
+fn to_item<T: Serialize>(value: &T) -> StoreResult<Item> {
+    serde_ddb::to_item(value).map_err(StoreError::unavailable)
+}
+
+/// The entity held in attribute `attr` of `item`.
+fn body<T: DeserializeOwned>(mut item: Item, attr: &str) -> StoreResult<T> {
+    let value = item
+        .remove(attr)
+        .ok_or_else(|| StoreError::unavailable(format!("item without `{attr}`")))?;
+    serde_ddb::from_attribute_value(value).map_err(StoreError::unavailable)
+}
+
+/// A page size the queries can use: at least one item, so a cursor always moves forward.
+fn page_limit(page: &PageRequest) -> usize {
+    page.limit.max(1) as usize
+}
+
+/// The cursor to start after, if any (ids are never empty).
+fn page_after(page: &PageRequest) -> Option<&str> {
+    page.after.as_deref().filter(|a| !a.is_empty())
+}
+
+/// Trims the `limit + 1` items a page query fetched to `limit`, and sets the cursor only when a
+/// further item exists (no empty last page).
+fn into_page<T>(mut items: Vec<T>, limit: usize, cursor_of: impl Fn(&T) -> String) -> Page<T> {
+    let next = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(cursor_of)
+    } else {
+        None
+    };
+    Page { items, next }
+}
+
+/// Runs `query` until it has `want` items or the results end, paging past 1 MB.
+async fn query_up_to(query: QueryFluentBuilder, want: usize) -> StoreResult<Vec<Item>> {
+    let mut items = Vec::new();
+    let mut start = None;
+    loop {
+        let mut page = query.clone().set_exclusive_start_key(start.take());
+        if let Ok(limit) = i32::try_from(want - items.len()) {
+            page = page.limit(limit);
+        }
+        let out = page.send().await.map_err(StoreError::unavailable)?;
+        items.extend(out.items.unwrap_or_default());
+        match out.last_evaluated_key {
+            Some(key) if items.len() < want && !key.is_empty() => start = Some(key),
+            _ => return Ok(items),
+        }
+    }
+}
+
+impl DynamoStore {
+    /// A query on the list index for `list_pk`, ascending or not, with `list_sk` beyond `after`.
+    fn list_query(
+        &self,
+        list_pk: String,
+        forward: bool,
+        after: Option<&str>,
+    ) -> QueryFluentBuilder {
+        let query = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name(LIST_INDEX)
+            .scan_index_forward(forward)
+            .expression_attribute_names("#p", LIST_PK)
+            .expression_attribute_values(":p", AttributeValue::S(list_pk));
+        match after {
+            None => query.key_condition_expression("#p = :p"),
+            Some(after) => query
+                .key_condition_expression(if forward {
+                    "#p = :p AND #s > :after"
+                } else {
+                    "#p = :p AND #s < :after"
+                })
+                .expression_attribute_names("#s", LIST_SK)
+                .expression_attribute_values(":after", AttributeValue::S(after.to_owned())),
+        }
+    }
+}
+
+impl Store for DynamoStore {
+    async fn put_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
+        let item = to_item(&ApiKeyItem {
+            pk: api_key_pk(&key.key_hash),
+            api_key: key,
+        })?;
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(StoreError::unavailable)?;
+        Ok(())
+    }
+
+    async fn tenant_for_api_key(&self, key_hash: &str) -> StoreResult<Option<TenantId>> {
+        let key: Option<ApiKeyRecord> = self.get_body(api_key_pk(key_hash), API_KEY).await?;
+        Ok(key.map(|k| k.tenant_id))
+    }
+
+    async fn insert_subscription(&self, subscription: &Subscription) -> StoreResult<()> {
+        let item = subscription_item(subscription)?;
+        if self.put_if(item, "attribute_not_exists(#pk)").await? {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict)
+        }
+    }
+
+    async fn get_subscription(
+        &self,
+        tenant: &TenantId,
+        id: &SubscriptionId,
+    ) -> StoreResult<Option<Subscription>> {
+        self.get_body(subscription_pk(tenant, id), SUBSCRIPTION)
+            .await
+    }
+
+    async fn list_subscriptions(
+        &self,
+        tenant: &TenantId,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Subscription>> {
+        let limit = page_limit(page);
+        let query = self.list_query(subscriptions_list_pk(tenant), true, page_after(page));
+        let items = query_up_to(query, limit + 1)
+            .await?
+            .into_iter()
+            .map(|item| body(item, SUBSCRIPTION))
+            .collect::<StoreResult<Vec<Subscription>>>()?;
+        Ok(into_page(items, limit, |s| s.id.as_str().to_owned()))
+    }
+
+    async fn update_subscription(&self, subscription: &Subscription) -> StoreResult<()> {
+        let item = subscription_item(subscription)?;
+        if self.put_if(item, "attribute_exists(#pk)").await? {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound)
+        }
+    }
+
+    async fn delete_subscription(&self, tenant: &TenantId, id: &SubscriptionId) -> StoreResult<()> {
+        // Its deliveries stay: they are the log of what was sent.
+        let deleted = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .key(PK, AttributeValue::S(subscription_pk(tenant, id)))
+            .condition_expression("attribute_exists(#pk)")
+            .expression_attribute_names("#pk", PK)
+            .send()
+            .await;
+        match deleted {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Err(StoreError::NotFound)
+            }
+            Err(e) => Err(StoreError::unavailable(e)),
+        }
+    }
+
+    async fn tenant_subscriptions(&self, tenant: &TenantId) -> StoreResult<Vec<Subscription>> {
+        let query = self.list_query(subscriptions_list_pk(tenant), true, None);
+        query_up_to(query, usize::MAX)
+            .await?
+            .into_iter()
+            .map(|item| body(item, SUBSCRIPTION))
+            .collect()
+    }
+
+    async fn insert_event(&self, new: &NewEvent) -> StoreResult<InsertOutcome> {
+        let deliveries = new
+            .deliveries
+            .iter()
+            .map(|d| self.delivery_item(d))
+            .collect::<StoreResult<Vec<_>>>()?;
+        let room = MAX_TRANSACTION_ITEMS - 1 - usize::from(new.idempotency_key.is_some());
+        if deliveries.len() <= room {
+            self.write_new_event(new, deliveries).await
+        } else {
+            self.insert_large_event(new, deliveries).await
+        }
+    }
+
+    async fn get_event(&self, tenant: &TenantId, id: &EventId) -> StoreResult<Option<Event>> {
+        let stored: Option<StoredEvent> = self.get_body(event_pk(tenant, id), EVENT).await?;
+        stored.map(Event::try_from).transpose()
+    }
+
+    async fn get_delivery(
+        &self,
+        tenant: &TenantId,
+        id: &DeliveryId,
+    ) -> StoreResult<Option<Delivery>> {
+        self.get_body(delivery_pk(tenant, id), DELIVERY).await
+    }
+
+    async fn update_delivery(&self, delivery: &Delivery, expected_version: u64) -> StoreResult<()> {
+        let item = self.delivery_item(delivery)?;
+        // The key holds the tenant: another tenant's delivery is simply not there.
+        let put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("#d.#v = :expected")
+            .expression_attribute_names("#d", DELIVERY)
+            .expression_attribute_names("#v", "version")
+            .expression_attribute_values(
+                ":expected",
+                AttributeValue::N(expected_version.to_string()),
+            )
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match put {
+            Ok(_) => Ok(()),
+            // The old item comes back only if there is one: a stale version, not a missing item.
+            Err(e) => match e.as_service_error() {
+                Some(PutItemError::ConditionalCheckFailedException(c)) => {
+                    Err(if c.item().is_some() {
+                        StoreError::Conflict
+                    } else {
+                        StoreError::NotFound
+                    })
+                }
+                _ => Err(StoreError::unavailable(e)),
+            },
+        }
+    }
+
+    async fn list_deliveries(
+        &self,
+        tenant: &TenantId,
+        subscription: &SubscriptionId,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Delivery>> {
+        let limit = page_limit(page);
+        let query = self.list_query(
+            deliveries_list_pk(tenant, subscription),
+            false,
+            page_after(page),
+        );
+        let entries = query_up_to(query, limit + 1)
+            .await?
+            .into_iter()
+            .map(|item| serde_ddb::from_item(item).map_err(StoreError::unavailable))
+            .collect::<StoreResult<Vec<ListEntry>>>()?;
+        // The cursor follows the index, even should an item expire before it is read.
+        let Page {
+            items: entries,
+            next,
+        } = into_page(entries, limit, |e| e.list_sk.clone());
+        let mut found = self
+            .batch_get(entries.iter().map(|e| e.pk.clone()).collect())
+            .await?;
+        let items = entries
+            .iter()
+            .filter_map(|e| found.remove(&e.pk))
+            .map(|item| body(item, DELIVERY))
+            .collect::<StoreResult<Vec<Delivery>>>()?;
+        Ok(Page { items, next })
+    }
+
+    async fn due_deliveries(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<DueDelivery>> {
+        let want = limit as usize;
+        if want == 0 {
+            return Ok(Vec::new());
+        }
+        // Each shard's earliest `limit`, merged: the earliest `limit` overall are among them.
+        let mut shards = tokio::task::JoinSet::new();
+        for shard in 0..DUE_SHARDS {
+            let query = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(DUE_INDEX)
+                .key_condition_expression("#s = :s AND #d <= :now")
+                .expression_attribute_names("#s", DUE_SHARD)
+                .expression_attribute_names("#d", DUE_AT)
+                .expression_attribute_values(":s", AttributeValue::N(shard.to_string()))
+                .expression_attribute_values(
+                    ":now",
+                    AttributeValue::N(now.unix_millis().to_string()),
+                )
+                .scan_index_forward(true);
+            shards.spawn(query_up_to(query, want));
+        }
+        let mut due = Vec::new();
+        while let Some(items) = shards.join_next().await {
+            for item in items.map_err(StoreError::unavailable)?? {
+                let entry: DueEntry =
+                    serde_ddb::from_item(item).map_err(StoreError::unavailable)?;
+                let (tenant_id, delivery_id) = parse_delivery_pk(&entry.pk)?;
+                due.push(DueDelivery {
+                    tenant_id,
+                    delivery_id,
+                    due_at: Timestamp::from_unix_millis(entry.due_at),
+                });
+            }
+        }
+        due.sort_by(|a, b| (a.due_at, &a.delivery_id).cmp(&(b.due_at, &b.delivery_id)));
+        due.truncate(want);
+        Ok(due)
+    }
+}
+
+fn subscription_item(s: &Subscription) -> StoreResult<Item> {
+    to_item(&SubscriptionItem {
+        pk: subscription_pk(&s.tenant_id, &s.id),
+        list_pk: subscriptions_list_pk(&s.tenant_id),
+        list_sk: s.id.as_str(),
+        subscription: s,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::{delivery_for, event, subscription, tenant, ts};
+
+    fn store() -> DynamoStore {
+        let config = aws_sdk_dynamodb::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .build();
+        DynamoStore::new(Client::from_conf(config), "t")
+    }
+
+    #[test]
+    fn delivery_keys_parse_back() {
+        let d = delivery_for(
+            &tenant("acme-1"),
+            &subscription(&tenant("acme-1"), ts(0)),
+            ts(0),
+        );
+        let pk = delivery_pk(&d.tenant_id, &d.id);
+        assert_eq!(parse_delivery_pk(&pk).unwrap(), (d.tenant_id, d.id));
+        assert!(parse_delivery_pk("T#a#SUB#sub_x").is_err());
+        assert!(parse_delivery_pk("KEY#x").is_err());
+    }
+
+    #[test]
+    fn due_shard_is_stable_and_spread() {
+        // FNV-1a is fixed: a delivery must keep its shard across builds.
+        let id = DeliveryId::parse("dlv_01hf2gn0h3c0y8mp0fqzjaxyqw").unwrap();
+        assert_eq!(due_shard(&id), due_shard(&id.clone()));
+        let used: std::collections::HashSet<u8> = (0..200)
+            .map(|_| due_shard(&DeliveryId::generate()))
+            .collect();
+        assert_eq!(used.len(), usize::from(DUE_SHARDS));
+        assert!(used.iter().all(|s| *s < DUE_SHARDS));
+    }
+
+    #[test]
+    fn delivery_item_is_in_the_due_index_only_while_due() {
+        let store = store();
+        let a = tenant("a");
+        let mut d = delivery_for(&a, &subscription(&a, ts(0)), ts(0));
+        let item = store.delivery_item(&d).unwrap();
+        for attr in [
+            PK,
+            LIST_PK,
+            LIST_SK,
+            DUE_SHARD,
+            DUE_AT,
+            TTL_ATTRIBUTE,
+            DELIVERY,
+        ] {
+            assert!(item.contains_key(attr), "{attr} in {item:?}");
+        }
+        assert_eq!(
+            item[DUE_AT],
+            AttributeValue::N(d.due_at.unwrap().unix_millis().to_string())
+        );
+        d.due_at = None;
+        let item = store.delivery_item(&d).unwrap();
+        assert!(!item.contains_key(DUE_SHARD) && !item.contains_key(DUE_AT));
+        let back: Delivery = body(item, DELIVERY).unwrap();
+        assert_eq!(back, d);
+    }
+
+    #[test]
+    fn event_data_is_a_string_attribute_kept_byte_for_byte() {
+        let store = store().with_retention(Duration::from_secs(10));
+        let e = event(&tenant("a"), ts(0), "{ \"b\":1,\n\"a\" : [1.50e+2] }");
+        let item = store.event_item(&e).unwrap();
+        assert_eq!(
+            item[TTL_ATTRIBUTE],
+            AttributeValue::N((e.received_at.unix_seconds() + 10).to_string())
+        );
+        let AttributeValue::M(stored) = &item[EVENT] else {
+            panic!("event is a map: {item:?}");
+        };
+        assert_eq!(stored["data"], AttributeValue::S(e.data.get().to_owned()));
+        let back = Event::try_from(body::<StoredEvent>(item, EVENT).unwrap()).unwrap();
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn pages_have_a_cursor_only_when_more_follow() {
+        let page = into_page(vec![1, 2, 3], 2, |i| i.to_string());
+        assert_eq!((page.items, page.next), (vec![1, 2], Some("2".into())));
+        let page = into_page(vec![1, 2], 2, |i| i.to_string());
+        assert_eq!((page.items, page.next), (vec![1, 2], None));
+    }
+}

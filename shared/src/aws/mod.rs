@@ -1,4 +1,14 @@
-//! The AWS backends: DynamoDB store and SQS queue, and the wiring the Lambda functions share.
+//! The AWS backends: DynamoDB store and SQS queue, and the wiring the Lambda functions share:
+//! settings from the environment, the queue-message use case, and building the app.
 
+mod concurrency;
 pub mod dynamo;
+pub mod messages;
+pub mod settings;
 pub mod sqs;
+pub mod wiring;
+
+pub use messages::{QueueMessage, process_messages};
+pub use settings::{AwsSettings, ConfigError};
+pub use sqs::SqsQueue;
+pub use wiring::{AwsApp, build_app, build_sender};

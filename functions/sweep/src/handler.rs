@@ -1,0 +1,110 @@
+//! Sweeps in rounds of `sweep_batch` while full batches come back, within the time left.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use lambda_runtime::Diagnostic;
+use tidings_core::app::App;
+use tidings_core::ports::{Clock, DeliveryQueue, Store, StoreError};
+
+/// Rounds per invocation at most; the next scheduled run picks up whatever is left.
+pub const MAX_ROUNDS: u32 = 20;
+/// Time kept in hand before the invocation's deadline, on top of the longest round so far.
+pub const DEADLINE_MARGIN: Duration = Duration::from_secs(5);
+
+/// What one invocation did; the function's response.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Summary {
+    pub found: usize,
+    pub enqueued: usize,
+}
+
+/// The store failed: the invocation fails (and shows in the function's error metrics).
+#[derive(Debug, thiserror::Error)]
+#[error("sweep failed after {rounds} complete rounds: {source}")]
+pub struct SweepFailed {
+    pub rounds: u32,
+    #[source]
+    pub source: StoreError,
+}
+
+impl From<SweepFailed> for Diagnostic {
+    fn from(e: SweepFailed) -> Self {
+        Diagnostic {
+            error_type: "Tidings.StoreUnavailable".into(),
+            error_message: e.to_string(),
+        }
+    }
+}
+
+pub async fn handle<S: Store, Q: DeliveryQueue, C: Clock>(
+    app: &App<S, Q, C>,
+    deadline: SystemTime,
+) -> Result<Summary, SweepFailed> {
+    let batch = app.config.sweep_batch as usize;
+    let mut summary = Summary::default();
+    let mut longest = Duration::ZERO;
+    for round in 0..MAX_ROUNDS {
+        let started = Instant::now();
+        let report = app.sweep_due().await.map_err(|source| {
+            tracing::error!(error = %source, round, "sweep failed");
+            SweepFailed {
+                rounds: round,
+                source,
+            }
+        })?;
+        longest = longest.max(started.elapsed());
+        summary.found += report.found;
+        summary.enqueued += report.enqueued;
+        let time_left = deadline
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        if !another_round(report.found, batch, time_left, longest) {
+            break;
+        }
+    }
+    if summary.found > 0 {
+        tracing::info!(
+            found = summary.found,
+            enqueued = summary.enqueued,
+            "sweep done"
+        );
+    }
+    Ok(summary)
+}
+
+/// Another round only if the last one came back full (more may be due) and there is time for
+/// one more as long as the longest so far, with a margin.
+pub fn another_round(found: usize, batch: usize, time_left: Duration, longest: Duration) -> bool {
+    found >= batch && time_left > longest + DEADLINE_MARGIN
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_continue_only_while_full_and_in_time() {
+        let s = Duration::from_secs;
+        assert!(another_round(500, 500, s(60), s(2)));
+        assert!(
+            !another_round(499, 500, s(60), s(2)),
+            "a short batch drained the backlog"
+        );
+        assert!(!another_round(0, 500, s(60), s(0)));
+        assert!(
+            !another_round(500, 500, s(6), s(2)),
+            "not enough time for another round"
+        );
+        assert!(!another_round(500, 500, Duration::ZERO, Duration::ZERO));
+    }
+
+    #[test]
+    fn the_summary_is_small_json() {
+        let json = serde_json::to_value(Summary {
+            found: 3,
+            enqueued: 2,
+        })
+        .unwrap();
+        assert_eq!(json, serde_json::json!({"found": 3, "enqueued": 2}));
+    }
+}

@@ -1,0 +1,725 @@
+//! Queue messages as a use case: what the `deliver` function does with each record of an SQS
+//! batch, independent of Lambda (the handler only maps the event to [`QueueMessage`]s and the
+//! returned ids to `batchItemFailures`).
+//!
+//! Two queues trigger it, and a record is one of two kinds:
+//!
+//! | kind | message attributes (String) | body |
+//! | --- | --- | --- |
+//! | delivery job (from [`SqsQueue`](super::sqs::SqsQueue)) | `tidings-kind` = `delivery-job` | `{"tenantId":"…","deliveryId":"dlv_…"}` |
+//! | producer event (the "events" queue) | no `tidings-kind`; `tenant` (required); `idempotency-key` (optional) | the `POST /events` JSON: `{"eventType","data","eventId"?,"occurredAt"?}` |
+//!
+//! A producer event without `idempotency-key` is deduplicated by its `eventId`, if it has one, and
+//! otherwise by its SQS message id (`sqs:<messageId>`), so SQS's own redeliveries of one message
+//! never publish twice. A record that cannot be handled is reported back (so it
+//! returns to its queue, and the queue's redrive policy moves a malformed one to the DLQ after
+//! `maxReceiveCount` receives); it never affects the other records.
+
+use std::collections::HashMap;
+
+use tracing::Instrument as _;
+
+use super::concurrency::join_bounded;
+use crate::api::Problem;
+use crate::api::body::parse_publish;
+use crate::app::{App, AppError, DeliverOutcome, PublishRequest, Published};
+use crate::domain::{IdError, TenantId};
+use crate::ports::{Clock, DeliveryJob, DeliveryQueue, Store, StoreError};
+use crate::sender::HttpSender;
+
+/// Message attribute naming what a message is; absent on producer events.
+pub const KIND_ATTRIBUTE: &str = "tidings-kind";
+/// [`KIND_ATTRIBUTE`] of a delivery job.
+pub const DELIVERY_JOB_KIND: &str = "delivery-job";
+/// Message attribute of a producer event: the tenant it is published for.
+pub const TENANT_ATTRIBUTE: &str = "tenant";
+/// Optional message attribute of a producer event: its idempotency key.
+pub const IDEMPOTENCY_KEY_ATTRIBUTE: &str = "idempotency-key";
+
+/// One queue record, as any queue trigger delivers it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueMessage {
+    pub message_id: String,
+    pub body: String,
+    /// The message attributes with a string value.
+    pub attributes: HashMap<String, String>,
+}
+
+/// What a record asks for.
+#[derive(Debug)]
+pub enum Message {
+    Deliver(DeliveryJob),
+    Publish {
+        tenant: TenantId,
+        request: PublishRequest,
+        idempotency_key: Option<String>,
+    },
+}
+
+/// Why a record is not a valid message. Retrying will not help: it ends in the DLQ.
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    #[error("unknown `{KIND_ATTRIBUTE}` attribute `{0}`")]
+    UnknownKind(String),
+    #[error("the delivery job body is invalid: {0}")]
+    BadJob(#[source] serde_json::Error),
+    #[error("the event message has no `{TENANT_ATTRIBUTE}` attribute")]
+    MissingTenant,
+    #[error("the `{TENANT_ATTRIBUTE}` attribute is invalid: {0}")]
+    BadTenant(#[source] IdError),
+    #[error("the event body is invalid: {}", .0.detail)]
+    BadEvent(Problem),
+}
+
+impl MessageError {
+    /// The field or attribute at fault, if one is.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Self::UnknownKind(_) => Some(KIND_ATTRIBUTE),
+            Self::MissingTenant | Self::BadTenant(_) => Some(TENANT_ATTRIBUTE),
+            Self::BadEvent(p) => p.field.as_deref(),
+            Self::BadJob(_) => None,
+        }
+    }
+}
+
+impl Message {
+    pub fn parse(message: &QueueMessage) -> Result<Self, MessageError> {
+        match message.attributes.get(KIND_ATTRIBUTE).map(String::as_str) {
+            Some(DELIVERY_JOB_KIND) => serde_json::from_str(&message.body)
+                .map(Self::Deliver)
+                .map_err(MessageError::BadJob),
+            Some(other) => Err(MessageError::UnknownKind(other.to_owned())),
+            None => {
+                let tenant = message
+                    .attributes
+                    .get(TENANT_ATTRIBUTE)
+                    .ok_or(MessageError::MissingTenant)?;
+                let tenant = TenantId::parse(tenant).map_err(MessageError::BadTenant)?;
+                let request =
+                    parse_publish(message.body.as_bytes()).map_err(MessageError::BadEvent)?;
+                let idempotency_key = match message.attributes.get(IDEMPOTENCY_KEY_ATTRIBUTE) {
+                    Some(key) => Some(key.clone()),
+                    None if request.event_id.is_none() => {
+                        Some(format!("sqs:{}", message.message_id))
+                    }
+                    None => None,
+                };
+                Ok(Self::Publish {
+                    tenant,
+                    request,
+                    idempotency_key,
+                })
+            }
+        }
+    }
+}
+
+/// What handling a record came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handled {
+    Delivered(DeliverOutcome),
+    Published(Published),
+}
+
+/// Why a record must come back.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// Not a valid message; it will fail the same way until the DLQ takes it.
+    #[error(transparent)]
+    Malformed(#[from] MessageError),
+    /// A valid message the use case refused (e.g. `data` too large).
+    #[error("event refused: {0}")]
+    Refused(#[source] AppError),
+    /// The store failed; a later receive may succeed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<AppError> for RecordError {
+    fn from(e: AppError) -> Self {
+        match e {
+            AppError::Store(e) => Self::Store(e),
+            other => Self::Refused(other),
+        }
+    }
+}
+
+/// Handles one record: a delivery job is attempted, a producer event is published.
+pub async fn handle_message<S, Q, C, H>(
+    app: &App<S, Q, C>,
+    sender: &H,
+    message: &QueueMessage,
+) -> Result<Handled, RecordError>
+where
+    S: Store,
+    Q: DeliveryQueue,
+    C: Clock,
+    H: HttpSender,
+{
+    match Message::parse(message)? {
+        // Every outcome is final for this message, `NotDue` included: the delivery's due time in
+        // the store makes the sweep send it again.
+        Message::Deliver(job) => Ok(Handled::Delivered(app.deliver(sender, &job).await?)),
+        Message::Publish {
+            tenant,
+            request,
+            idempotency_key,
+        } => Ok(Handled::Published(
+            app.publish_event(&tenant, request, idempotency_key).await?,
+        )),
+    }
+}
+
+/// Handles every record, at most `concurrency` at a time, each in its own span; returns the ids
+/// of the messages that must come back (SQS `batchItemFailures`). One bad record never fails
+/// the others.
+pub async fn process_messages<S, Q, C, H>(
+    app: &App<S, Q, C>,
+    sender: &H,
+    messages: Vec<QueueMessage>,
+    concurrency: usize,
+) -> Vec<String>
+where
+    S: Store,
+    Q: DeliveryQueue,
+    C: Clock,
+    H: HttpSender,
+{
+    let records = messages.into_iter().map(|message| {
+        let span = tracing::info_span!("record", message_id = %message.message_id);
+        async move {
+            match handle_message(app, sender, &message).await {
+                Ok(handled) => {
+                    log_handled(&handled);
+                    None
+                }
+                Err(e) => {
+                    log_failure(&e);
+                    Some(message.message_id)
+                }
+            }
+        }
+        .instrument(span)
+    });
+    join_bounded(records, concurrency)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+fn log_handled(handled: &Handled) {
+    match handled {
+        Handled::Delivered(DeliverOutcome::NotDue(at)) => {
+            tracing::info!(due = %at, "job arrived before its delivery is due; the sweep sends it then")
+        }
+        Handled::Delivered(outcome) => tracing::debug!(?outcome, "job handled"),
+        Handled::Published(p) => tracing::info!(
+            event = %p.event_id,
+            created = p.created,
+            deliveries = p.deliveries,
+            "event from the queue published"
+        ),
+    }
+}
+
+fn log_failure(e: &RecordError) {
+    match e {
+        RecordError::Malformed(m) => tracing::error!(
+            error = %m,
+            field = m.field(),
+            "malformed message; it returns to the queue and ends in the dead-letter queue"
+        ),
+        RecordError::Refused(_) => tracing::error!(
+            error = %e,
+            "event refused; it returns to the queue and ends in the dead-letter queue"
+        ),
+        RecordError::Store(_) => tracing::warn!(error = %e, "store failed; the message comes back"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::app::AppConfig;
+    use crate::domain::{
+        ApiKeyRecord, CallbackUrl, Delivery, DeliveryId, Event, EventId, EventTypePattern, Secret,
+        Subscription, SubscriptionId, SubscriptionStatus, Timestamp,
+    };
+    use crate::ports::{
+        DueDelivery, FakeClock, InsertOutcome, NewEvent, Page, PageRequest, QueueError, StoreResult,
+    };
+    use crate::sender::{OutboundRequest, SendOutcome};
+
+    // ---- fakes: just enough of a store, a queue and a receiver ----
+
+    #[derive(Default)]
+    struct MemStore {
+        inner: Mutex<Mem>,
+    }
+
+    #[derive(Default)]
+    struct Mem {
+        subscriptions: Vec<Subscription>,
+        events: Vec<(Event, Option<String>)>,
+        deliveries: HashMap<DeliveryId, Delivery>,
+        /// `get_delivery` of these fails as if the store were down.
+        unavailable: Vec<DeliveryId>,
+    }
+
+    impl MemStore {
+        fn mem(&self) -> std::sync::MutexGuard<'_, Mem> {
+            self.inner.lock().unwrap()
+        }
+    }
+
+    impl Store for MemStore {
+        async fn put_api_key(&self, _key: &ApiKeyRecord) -> StoreResult<()> {
+            Ok(())
+        }
+        async fn tenant_for_api_key(&self, _key_hash: &str) -> StoreResult<Option<TenantId>> {
+            Ok(None)
+        }
+        async fn insert_subscription(&self, s: &Subscription) -> StoreResult<()> {
+            self.mem().subscriptions.push(s.clone());
+            Ok(())
+        }
+        async fn get_subscription(
+            &self,
+            tenant: &TenantId,
+            id: &SubscriptionId,
+        ) -> StoreResult<Option<Subscription>> {
+            Ok(self
+                .mem()
+                .subscriptions
+                .iter()
+                .find(|s| &s.tenant_id == tenant && &s.id == id)
+                .cloned())
+        }
+        async fn list_subscriptions(
+            &self,
+            _tenant: &TenantId,
+            _page: &PageRequest,
+        ) -> StoreResult<Page<Subscription>> {
+            Ok(Page {
+                items: Vec::new(),
+                next: None,
+            })
+        }
+        async fn update_subscription(&self, _s: &Subscription) -> StoreResult<()> {
+            Ok(())
+        }
+        async fn delete_subscription(
+            &self,
+            _tenant: &TenantId,
+            _id: &SubscriptionId,
+        ) -> StoreResult<()> {
+            Ok(())
+        }
+        async fn tenant_subscriptions(&self, tenant: &TenantId) -> StoreResult<Vec<Subscription>> {
+            Ok(self
+                .mem()
+                .subscriptions
+                .iter()
+                .filter(|s| &s.tenant_id == tenant)
+                .cloned()
+                .collect())
+        }
+        async fn insert_event(&self, new: &NewEvent) -> StoreResult<InsertOutcome> {
+            let mut mem = self.mem();
+            let seen = mem.events.iter().find(|(e, key)| {
+                e.tenant_id == new.event.tenant_id
+                    && (e.id == new.event.id || (key.is_some() && *key == new.idempotency_key))
+            });
+            if let Some((e, _)) = seen {
+                return Ok(InsertOutcome::Existing(e.id.clone()));
+            }
+            mem.events
+                .push((new.event.clone(), new.idempotency_key.clone()));
+            for d in &new.deliveries {
+                mem.deliveries.insert(d.id.clone(), d.clone());
+            }
+            Ok(InsertOutcome::Created)
+        }
+        async fn get_event(&self, tenant: &TenantId, id: &EventId) -> StoreResult<Option<Event>> {
+            Ok(self
+                .mem()
+                .events
+                .iter()
+                .map(|(e, _)| e)
+                .find(|e| &e.tenant_id == tenant && &e.id == id)
+                .cloned())
+        }
+        async fn get_delivery(
+            &self,
+            tenant: &TenantId,
+            id: &DeliveryId,
+        ) -> StoreResult<Option<Delivery>> {
+            let mem = self.mem();
+            if mem.unavailable.contains(id) {
+                return Err(StoreError::unavailable("the fake store is down"));
+            }
+            Ok(mem
+                .deliveries
+                .get(id)
+                .filter(|d| &d.tenant_id == tenant)
+                .cloned())
+        }
+        async fn update_delivery(&self, d: &Delivery, expected_version: u64) -> StoreResult<()> {
+            let mut mem = self.mem();
+            let current = mem.deliveries.get_mut(&d.id).ok_or(StoreError::NotFound)?;
+            if current.version != expected_version {
+                return Err(StoreError::Conflict);
+            }
+            *current = d.clone();
+            Ok(())
+        }
+        async fn list_deliveries(
+            &self,
+            _tenant: &TenantId,
+            _subscription: &SubscriptionId,
+            _page: &PageRequest,
+        ) -> StoreResult<Page<Delivery>> {
+            Ok(Page {
+                items: Vec::new(),
+                next: None,
+            })
+        }
+        async fn due_deliveries(
+            &self,
+            _now: Timestamp,
+            _limit: u32,
+        ) -> StoreResult<Vec<DueDelivery>> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[derive(Default)]
+    struct MemQueue(Mutex<Vec<(DeliveryJob, Duration)>>);
+
+    impl DeliveryQueue for MemQueue {
+        fn max_delay(&self) -> Duration {
+            Duration::from_secs(900)
+        }
+        async fn enqueue(&self, jobs: Vec<(DeliveryJob, Duration)>) -> Result<(), QueueError> {
+            self.0.lock().unwrap().extend(jobs);
+            Ok(())
+        }
+    }
+
+    /// Answers 200 and counts requests.
+    #[derive(Default)]
+    struct OkReceiver(Mutex<Vec<OutboundRequest>>);
+
+    impl HttpSender for OkReceiver {
+        async fn send(&self, request: OutboundRequest) -> SendOutcome {
+            self.0.lock().unwrap().push(request);
+            SendOutcome::Response {
+                status: 200,
+                retry_after: None,
+                body_snippet: String::new(),
+                latency: Duration::from_millis(1),
+            }
+        }
+    }
+
+    type TestApp = App<MemStore, MemQueue, FakeClock>;
+
+    fn tenant() -> TenantId {
+        TenantId::parse("acme").unwrap()
+    }
+
+    async fn app_with_subscription() -> TestApp {
+        let now = Timestamp::parse("2026-01-02T03:04:05Z").unwrap();
+        let app = App::new(
+            MemStore::default(),
+            MemQueue::default(),
+            FakeClock::at(now),
+            AppConfig::default(),
+        );
+        app.store
+            .insert_subscription(&Subscription {
+                id: SubscriptionId::generate(),
+                tenant_id: tenant(),
+                event_types: vec![EventTypePattern::parse("order.*").unwrap()],
+                callback_url: CallbackUrl::parse("https://receiver.example/hook").unwrap(),
+                secret: Secret::generate(),
+                description: String::new(),
+                status: SubscriptionStatus::Active,
+                created_at: now,
+                updated_at: now,
+            })
+            .await
+            .unwrap();
+        app
+    }
+
+    fn event_message(id: &str, body: &str, attributes: &[(&str, &str)]) -> QueueMessage {
+        QueueMessage {
+            message_id: id.to_owned(),
+            body: body.to_owned(),
+            attributes: attributes
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    fn job_message(id: &str, job: &DeliveryJob) -> QueueMessage {
+        event_message(
+            id,
+            &serde_json::to_string(job).unwrap(),
+            &[(KIND_ATTRIBUTE, DELIVERY_JOB_KIND)],
+        )
+    }
+
+    const ORDER: &str = r#"{"eventType":"order.created","data":{"id":1}}"#;
+
+    // ---- classification ----
+
+    #[test]
+    fn messages_are_classified_by_the_kind_attribute() {
+        let job = DeliveryJob {
+            tenant_id: tenant(),
+            delivery_id: DeliveryId::generate(),
+        };
+        match Message::parse(&job_message("m1", &job)).unwrap() {
+            Message::Deliver(parsed) => assert_eq!(parsed, job),
+            other => panic!("expected a job, got {other:?}"),
+        }
+        let m = event_message(
+            "m2",
+            ORDER,
+            &[
+                ("tenant", "acme"),
+                ("idempotency-key", "k-1"),
+                ("other", "x"),
+            ],
+        );
+        match Message::parse(&m).unwrap() {
+            Message::Publish {
+                tenant: t,
+                request,
+                idempotency_key,
+            } => {
+                assert_eq!(t, tenant());
+                assert_eq!(request.event_type.as_str(), "order.created");
+                assert_eq!(request.data.get(), r#"{"id":1}"#);
+                assert_eq!(idempotency_key.as_deref(), Some("k-1"));
+            }
+            other => panic!("expected an event, got {other:?}"),
+        }
+        // Without a key or an eventId, SQS redeliveries of one message dedupe on its message id.
+        let m = event_message("m3", ORDER, &[("tenant", "acme")]);
+        match Message::parse(&m).unwrap() {
+            Message::Publish {
+                idempotency_key, ..
+            } => assert_eq!(idempotency_key.as_deref(), Some("sqs:m3")),
+            other => panic!("expected an event, got {other:?}"),
+        }
+        let with_id = event_message(
+            "m4",
+            r#"{"eventType":"order.created","eventId":"e-1","data":1}"#,
+            &[("tenant", "acme")],
+        );
+        assert!(matches!(
+            Message::parse(&with_id).unwrap(),
+            Message::Publish {
+                idempotency_key: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn malformed_messages_name_the_problem() {
+        let cases: [(QueueMessage, Option<&str>); 7] = [
+            (event_message("a", ORDER, &[]), Some("tenant")),
+            (event_message("b", ORDER, &[("tenant", "")]), Some("tenant")),
+            (event_message("c", "{nope", &[("tenant", "acme")]), None),
+            (
+                event_message(
+                    "d",
+                    r#"{"eventType":"order.created"}"#,
+                    &[("tenant", "acme")],
+                ),
+                Some("data"),
+            ),
+            (
+                event_message(
+                    "e",
+                    r#"{"eventType":"order..x","data":1}"#,
+                    &[("tenant", "acme")],
+                ),
+                Some("eventType"),
+            ),
+            (
+                event_message(
+                    "f",
+                    ORDER,
+                    &[(KIND_ATTRIBUTE, "mystery"), ("tenant", "acme")],
+                ),
+                Some(KIND_ATTRIBUTE),
+            ),
+            (
+                event_message("g", ORDER, &[(KIND_ATTRIBUTE, DELIVERY_JOB_KIND)]),
+                None,
+            ),
+        ];
+        for (message, field) in cases {
+            let e = Message::parse(&message).unwrap_err();
+            assert_eq!(e.field(), field, "{}: {e}", message.message_id);
+        }
+    }
+
+    // ---- processing ----
+
+    #[tokio::test]
+    async fn events_are_published_and_bad_records_alone_come_back() {
+        let app = app_with_subscription().await;
+        let receiver = OkReceiver::default();
+        let messages = vec![
+            event_message("good-1", ORDER, &[("tenant", "acme")]),
+            event_message("no-tenant", ORDER, &[]),
+            event_message("bad-json", "{", &[("tenant", "acme")]),
+            event_message(
+                "good-2",
+                r#"{"eventType":"order.paid","data":[],"eventId":"evt_producer-7"}"#,
+                &[("tenant", "acme")],
+            ),
+            event_message(
+                "bad-key",
+                ORDER,
+                &[("tenant", "acme"), ("idempotency-key", "")],
+            ),
+            event_message(
+                "good-3",
+                r#"{"eventType":"user.x","data":null}"#,
+                &[("tenant", "acme")],
+            ),
+        ];
+        let mut failed = process_messages(&app, &receiver, messages, 2).await;
+        failed.sort();
+        assert_eq!(failed, ["bad-json", "bad-key", "no-tenant"]);
+
+        let mem = app.store.mem();
+        assert_eq!(mem.events.len(), 3);
+        assert!(
+            mem.events
+                .iter()
+                .any(|(e, _)| e.id.as_str() == "evt_producer-7"),
+            "the producer's eventId is kept"
+        );
+        // order.created and order.paid match the subscription; user.x does not.
+        assert_eq!(mem.deliveries.len(), 2);
+        assert_eq!(app.queue.0.lock().unwrap().len(), 2);
+        assert!(
+            receiver.0.lock().unwrap().is_empty(),
+            "publishing sends nothing itself"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_repeated_event_id_or_idempotency_key_publishes_once() {
+        let app = app_with_subscription().await;
+        let receiver = OkReceiver::default();
+        let with_id = r#"{"eventType":"order.paid","data":1,"eventId":"evt_same"}"#;
+        let messages = vec![
+            event_message("1", with_id, &[("tenant", "acme")]),
+            event_message("2", with_id, &[("tenant", "acme")]),
+            event_message("3", ORDER, &[("tenant", "acme"), ("idempotency-key", "k")]),
+            event_message("4", ORDER, &[("tenant", "acme"), ("idempotency-key", "k")]),
+            // No key and no eventId: two SQS messages are two events (the message id is no key).
+            event_message("5", ORDER, &[("tenant", "acme")]),
+            event_message("6", ORDER, &[("tenant", "acme")]),
+        ];
+        // One at a time, so the duplicates see the first insert.
+        assert!(
+            process_messages(&app, &receiver, messages, 1)
+                .await
+                .is_empty()
+        );
+        assert_eq!(app.store.mem().events.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn jobs_are_delivered_and_store_failures_come_back() {
+        let app = app_with_subscription().await;
+        let receiver = OkReceiver::default();
+        let published = handle_message(
+            &app,
+            &receiver,
+            &event_message("e", ORDER, &[("tenant", "acme")]),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            published,
+            Handled::Published(Published { deliveries: 1, .. })
+        ));
+        let (job, delay) = app.queue.0.lock().unwrap().pop().unwrap();
+        assert_eq!(delay, Duration::ZERO);
+
+        let down = DeliveryJob {
+            tenant_id: tenant(),
+            delivery_id: DeliveryId::generate(),
+        };
+        app.store.mem().unavailable.push(down.delivery_id.clone());
+        let unknown = DeliveryJob {
+            tenant_id: tenant(),
+            delivery_id: DeliveryId::generate(),
+        };
+        let messages = vec![
+            job_message("job", &job),
+            job_message("down", &down),
+            job_message("unknown", &unknown),
+            event_message("bad-job", "{}", &[(KIND_ATTRIBUTE, DELIVERY_JOB_KIND)]),
+        ];
+        let mut failed = process_messages(&app, &receiver, messages, 16).await;
+        failed.sort();
+        assert_eq!(failed, ["bad-job", "down"]);
+        assert_eq!(receiver.0.lock().unwrap().len(), 1, "one signed POST");
+        let delivered = app.store.mem().deliveries[&job.delivery_id].clone();
+        assert_eq!(delivered.status.as_str(), "succeeded");
+
+        // A duplicate of the job (SQS is at-least-once) is done without a second POST.
+        let again = handle_message(&app, &receiver, &job_message("dup", &job))
+            .await
+            .unwrap();
+        assert_eq!(
+            again,
+            Handled::Delivered(DeliverOutcome::Skipped("already final"))
+        );
+        assert_eq!(receiver.0.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_job_that_arrives_early_is_done_and_left_to_the_sweep() {
+        let app = app_with_subscription().await;
+        let receiver = OkReceiver::default();
+        let now = app.clock.now();
+        let mut d = Delivery::new(
+            tenant(),
+            EventId::generate(),
+            SubscriptionId::generate(),
+            now,
+            Duration::from_secs(60),
+        );
+        d.next_attempt_at = Some(now.saturating_add(Duration::from_secs(30)));
+        let job = DeliveryJob {
+            tenant_id: tenant(),
+            delivery_id: d.id.clone(),
+        };
+        app.store.mem().deliveries.insert(d.id.clone(), d);
+        assert!(
+            process_messages(&app, &receiver, vec![job_message("early", &job)], 4)
+                .await
+                .is_empty()
+        );
+        assert!(receiver.0.lock().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,28 @@
+//! Building the AWS-backed application once, at a function's cold start.
+
+use super::dynamo::{DynamoStore, load_sdk_config};
+use super::settings::AwsSettings;
+use super::sqs::SqsQueue;
+use crate::app::App;
+use crate::ports::SystemClock;
+use crate::sender::{ReqwestSender, SenderBuildError};
+
+/// The application as the Lambda functions run it.
+pub type AwsApp = App<DynamoStore, SqsQueue, SystemClock>;
+
+/// The DynamoDB store, the SQS deliveries queue and the system clock, with one SDK configuration
+/// (region, credentials and endpoints from the SDK's standard environment variables).
+pub async fn build_app(settings: &AwsSettings) -> AwsApp {
+    let sdk = load_sdk_config().await;
+    let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), settings.table.clone());
+    let queue = SqsQueue::new(
+        aws_sdk_sqs::Client::new(&sdk),
+        settings.deliveries_queue_url.clone(),
+    );
+    App::new(store, queue, SystemClock, settings.app_config())
+}
+
+/// The HTTP sender with the configured egress policy and timeouts.
+pub fn build_sender(settings: &AwsSettings) -> Result<ReqwestSender, SenderBuildError> {
+    ReqwestSender::new(settings.sender_config())
+}

@@ -1,0 +1,334 @@
+//! The store conformance suite against DynamoDB, plus what only DynamoDB has (the table layout, the
+//! sharded due index, fan-out past one transaction).
+//!
+//! Needs the AWS emulator (moto server) and the SDK's standard variables pointing at it:
+//! `AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`. Without it
+//! every test fails (never skips). Each test gets its own, uniquely named table.
+#![cfg(all(feature = "aws", feature = "testing"))]
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::types::{AttributeValue, BillingMode, ProjectionType, TimeToLiveStatus};
+use tidings_core::aws::dynamo::{
+    DUE_AT, DUE_INDEX, DUE_SHARD, DUE_SHARDS, DynamoStore, LIST_INDEX, PK, TTL_ATTRIBUTE,
+    load_sdk_config,
+};
+use tidings_core::conformance::{GRACE, delivery_pages, new_event, subscription, tenant, ts};
+use tidings_core::domain::Timestamp;
+use tidings_core::ports::{InsertOutcome, Store};
+
+tidings_core::store_conformance_tests!(fresh_store);
+
+const START_MOTO: &str = "start moto: tests/run.sh does it";
+
+/// A client for the emulator; fails the test when there is none.
+async fn client() -> Client {
+    let endpoint = ["AWS_ENDPOINT_URL_DYNAMODB", "AWS_ENDPOINT_URL"]
+        .into_iter()
+        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()));
+    let Some(endpoint) = endpoint else {
+        panic!(
+            "AWS_ENDPOINT_URL is not set: the DynamoDB tests need the AWS emulator (moto server) \
+             and refuse to run against real AWS; {START_MOTO}"
+        );
+    };
+    let config = load_sdk_config().await;
+    let client = Client::new(&config);
+    if let Err(e) = client.list_tables().limit(1).send().await {
+        panic!(
+            "DynamoDB emulator at {endpoint} unreachable ({}); {START_MOTO}",
+            aws_sdk_dynamodb::error::DisplayErrorContext(e)
+        );
+    }
+    client
+}
+
+fn unique_table() -> String {
+    format!(
+        "tidings-test-{}",
+        ulid::Ulid::new().to_string().to_ascii_lowercase()
+    )
+}
+
+async fn fresh_store() -> DynamoStore {
+    let client = client().await;
+    let table = unique_table();
+    DynamoStore::create_table(&client, &table)
+        .await
+        .unwrap_or_else(|e| panic!("create table {table}: {e:?}; {START_MOTO}"));
+    DynamoStore::new(client, table)
+}
+
+/// Every entry of the due index: (`pk`, shard, due millis).
+async fn due_index(client: &Client, table: &str) -> Vec<(String, u8, i64)> {
+    // A Scan of the index is fine in a test: it shows exactly what the index holds.
+    let out = client
+        .scan()
+        .table_name(table)
+        .index_name(DUE_INDEX)
+        .send()
+        .await
+        .unwrap();
+    assert!(out.last_evaluated_key.is_none(), "one page is enough here");
+    let n = |item: &std::collections::HashMap<String, AttributeValue>, attr: &str| {
+        item[attr].as_n().unwrap().parse::<i64>().unwrap()
+    };
+    out.items
+        .unwrap_or_default()
+        .iter()
+        .map(|item| {
+            (
+                item[PK].as_s().unwrap().clone(),
+                u8::try_from(n(item, DUE_SHARD)).unwrap(),
+                n(item, DUE_AT),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn create_table_is_idempotent_and_sets_ttl_and_indexes() {
+    let client = client().await;
+    let table = unique_table();
+    DynamoStore::create_table(&client, &table).await.unwrap();
+    DynamoStore::create_table(&client, &table)
+        .await
+        .expect("creating an existing table is fine");
+
+    let ttl = client
+        .describe_time_to_live()
+        .table_name(&table)
+        .send()
+        .await
+        .unwrap();
+    let ttl = ttl.time_to_live_description().unwrap();
+    assert_eq!(ttl.time_to_live_status(), Some(&TimeToLiveStatus::Enabled));
+    assert_eq!(ttl.attribute_name(), Some(TTL_ATTRIBUTE));
+
+    let described = client
+        .describe_table()
+        .table_name(&table)
+        .send()
+        .await
+        .unwrap();
+    let t = described.table().unwrap();
+    assert_eq!(
+        t.billing_mode_summary().and_then(|b| b.billing_mode()),
+        Some(&BillingMode::PayPerRequest)
+    );
+    let key: Vec<_> = t.key_schema().iter().map(|k| k.attribute_name()).collect();
+    assert_eq!(key, vec![PK]);
+    let mut indexes: Vec<_> = t
+        .global_secondary_indexes()
+        .iter()
+        .map(|i| {
+            (
+                i.index_name().unwrap().to_owned(),
+                i.projection().and_then(|p| p.projection_type()).cloned(),
+            )
+        })
+        .collect();
+    indexes.sort();
+    assert_eq!(
+        indexes,
+        vec![
+            (DUE_INDEX.to_owned(), Some(ProjectionType::KeysOnly)),
+            (LIST_INDEX.to_owned(), Some(ProjectionType::Include)),
+        ]
+    );
+
+    // Retained items carry the TTL: received_at + retention, in seconds.
+    let store = DynamoStore::new(client.clone(), &table).with_retention(Duration::from_secs(3_600));
+    let a = tenant("a");
+    let new = new_event(&a, &[], ts(5_000), "{}");
+    assert_eq!(
+        store.insert_event(&new).await.unwrap(),
+        InsertOutcome::Created
+    );
+    let item = client
+        .get_item()
+        .table_name(&table)
+        .key(PK, AttributeValue::S(format!("T#a#EVT#{}", new.event.id)))
+        .send()
+        .await
+        .unwrap()
+        .item
+        .expect("the event item");
+    assert_eq!(
+        item[TTL_ATTRIBUTE],
+        AttributeValue::N((new.event.received_at.unix_seconds() + 3_600).to_string())
+    );
+}
+
+#[tokio::test]
+async fn sweep_reads_a_sparse_index_sharded_and_merged_in_due_order() {
+    let client = client().await;
+    let table = unique_table();
+    DynamoStore::create_table(&client, &table).await.unwrap();
+    let store = DynamoStore::new(client.clone(), &table);
+    let a = tenant("a");
+    let s = subscription(&a, ts(0));
+    store.insert_subscription(&s).await.unwrap();
+
+    // 40 deliveries due at distinct times, written in scrambled order, and one never due.
+    let mut new = new_event(&a, &vec![&s; 41], ts(0), "{}");
+    for (i, d) in new.deliveries.iter_mut().enumerate() {
+        d.due_at = Some(ts(1_000 * ((i as i64 * 17) % 40 + 1)));
+    }
+    let not_due = {
+        let d = new.deliveries.last_mut().unwrap();
+        d.due_at = None;
+        d.id.clone()
+    };
+    assert_eq!(
+        store.insert_event(&new).await.unwrap(),
+        InsertOutcome::Created
+    );
+
+    let index = due_index(&client, &table).await;
+    assert_eq!(
+        index.len(),
+        40,
+        "the never-due delivery is not in the index"
+    );
+    assert!(
+        index
+            .iter()
+            .all(|(pk, _, _)| !pk.ends_with(not_due.as_str()))
+    );
+    let shards: HashSet<u8> = index.iter().map(|(_, shard, _)| *shard).collect();
+    assert!(
+        shards.len() > 1 && shards.iter().all(|s| *s < DUE_SHARDS),
+        "spread over shards: {shards:?}"
+    );
+
+    let mut expected: Vec<_> = new
+        .deliveries
+        .iter()
+        .filter_map(|d| d.due_at.map(|at| (at, d.id.clone())))
+        .collect();
+    expected.sort();
+    let due = |now: Timestamp, limit: u32| {
+        let (store, a) = (&store, &a);
+        async move {
+            store
+                .due_deliveries(now, limit)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|d| {
+                    assert_eq!(&d.tenant_id, a);
+                    (d.due_at, d.delivery_id)
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        due(ts(1_000_000), 100).await,
+        expected,
+        "all, earliest first"
+    );
+    assert_eq!(due(ts(1_000_000), 7).await, expected[..7], "the earliest 7");
+    assert_eq!(due(ts(12_500), 100).await, expected[..12], "due_at <= now");
+    assert_eq!(due(ts(999), 100).await, vec![]);
+
+    // Going final leaves the index; a later due time moves within it.
+    let first = store
+        .get_delivery(&a, &expected[0].1)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut done = first.clone();
+    done.due_at = None;
+    done.version += 1;
+    store.update_delivery(&done, first.version).await.unwrap();
+    assert_eq!(due_index(&client, &table).await.len(), 39);
+    assert_eq!(due(ts(1_000_000), 1).await, expected[1..2]);
+}
+
+#[tokio::test]
+async fn an_event_with_more_deliveries_than_a_transaction_holds_is_written_whole() {
+    let store = fresh_store().await;
+    let a = tenant("a");
+    let s = subscription(&a, ts(0));
+    store.insert_subscription(&s).await.unwrap();
+
+    let mut new = new_event(&a, &vec![&s; 150], ts(10), r#"{"fan":"out"}"#);
+    new.idempotency_key = Some("big-one".into());
+    assert_eq!(
+        store.insert_event(&new).await.unwrap(),
+        InsertOutcome::Created
+    );
+    assert_eq!(
+        store.get_event(&a, &new.event.id).await.unwrap(),
+        Some(new.event.clone())
+    );
+    for d in &new.deliveries {
+        assert_eq!(
+            store.get_delivery(&a, &d.id).await.unwrap().as_ref(),
+            Some(d)
+        );
+    }
+    let listed: HashSet<_> = delivery_pages(&store, &a, &s.id, 100)
+        .await
+        .into_iter()
+        .flat_map(|p| p.items)
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(listed.len(), 150);
+    let due = store
+        .due_deliveries(ts(10).saturating_add(GRACE), 500)
+        .await
+        .unwrap();
+    assert_eq!(due.len(), 150);
+
+    // A retried publish (new event and delivery ids, same key) writes no second set.
+    let mut retry = new_event(&a, &vec![&s; 150], ts(20), "{}");
+    retry.idempotency_key = Some("big-one".into());
+    assert_eq!(
+        store.insert_event(&retry).await.unwrap(),
+        InsertOutcome::Existing(new.event.id.clone())
+    );
+    // And with the same event id but no key.
+    let mut same_id = new_event(&a, &vec![&s; 120], ts(30), "{}");
+    same_id.event.id = new.event.id.clone();
+    assert_eq!(
+        store.insert_event(&same_id).await.unwrap(),
+        InsertOutcome::Existing(new.event.id.clone())
+    );
+    for d in retry.deliveries.iter().chain(&same_id.deliveries) {
+        assert_eq!(store.get_delivery(&a, &d.id).await.unwrap(), None);
+    }
+    let total: usize = delivery_pages(&store, &a, &s.id, 250)
+        .await
+        .iter()
+        .map(|p| p.items.len())
+        .sum();
+    assert_eq!(total, 150);
+
+    // Two identical large publishes at once (new delivery ids each): one is created, the other
+    // sees it, and one set of deliveries remains whichever way the race went.
+    let s2 = subscription(&a, ts(1));
+    store.insert_subscription(&s2).await.unwrap();
+    let mut one = new_event(&a, &vec![&s2; 110], ts(40), "{}");
+    one.idempotency_key = Some("raced".into());
+    let mut two = new_event(&a, &vec![&s2; 110], ts(41), "{}");
+    two.idempotency_key = Some("raced".into());
+    let (r1, r2) = tokio::join!(store.insert_event(&one), store.insert_event(&two));
+    let (r1, r2) = (r1.unwrap(), r2.unwrap());
+    let winner = match (&r1, &r2) {
+        (InsertOutcome::Created, InsertOutcome::Existing(id)) if *id == one.event.id => &one,
+        (InsertOutcome::Existing(id), InsertOutcome::Created) if *id == two.event.id => &two,
+        other => panic!("one publish wins: {other:?}"),
+    };
+    let listed: HashSet<_> = delivery_pages(&store, &a, &s2.id, 250)
+        .await
+        .into_iter()
+        .flat_map(|p| p.items)
+        .map(|d| d.id)
+        .collect();
+    let expected: HashSet<_> = winner.deliveries.iter().map(|d| d.id.clone()).collect();
+    assert_eq!(listed, expected, "only the winner's deliveries");
+}

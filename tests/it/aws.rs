@@ -1,0 +1,465 @@
+//! The AWS side end to end: the real Lambda binaries (`tidings-api`, `tidings-deliver`,
+//! `tidings-sweep`) run under `tidings-aws-local` against moto (DynamoDB + SQS), delivering to a
+//! real receiver on 127.0.0.1. These tests need the emulator (`tests/run.sh` starts it) and fail
+//! loudly without it.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tidings_core::app::{App, AppConfig, PublishRequest};
+use tidings_core::aws::dynamo::DynamoStore;
+use tidings_core::domain::{EventType, Secret, TenantId, Timestamp};
+use tidings_core::ports::{DeliveryJob, DeliveryQueue, QueueError, SystemClock};
+use tidings_core::signing;
+use tidings_tests::{ApiClient, Reply, TestReceiver, binary_path, eventually};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// One `tidings-aws-local` with its own table and queues, and an API key for tenant `t1`.
+struct AwsLocal {
+    child: tokio::process::Child,
+    info: Value,
+    api: ApiClient,
+    sqs: aws_sdk_sqs::Client,
+    app: App<DynamoStore, BlackHoleQueue, SystemClock>,
+}
+
+/// A queue that drops every job: models a message lost between the store write and SQS.
+struct BlackHoleQueue;
+
+impl DeliveryQueue for BlackHoleQueue {
+    fn max_delay(&self) -> Duration {
+        Duration::from_secs(900)
+    }
+    async fn enqueue(&self, _jobs: Vec<(DeliveryJob, Duration)>) -> Result<(), QueueError> {
+        Ok(())
+    }
+}
+
+fn endpoint() -> String {
+    std::env::var("AWS_ENDPOINT_URL").expect(
+        "AWS_ENDPOINT_URL is not set: these tests need the AWS emulator (moto); run them with tests/run.sh",
+    )
+}
+
+impl AwsLocal {
+    async fn start() -> Self {
+        use tokio::io::AsyncBufReadExt as _;
+        tidings_tests::init_tracing();
+        let endpoint = endpoint();
+        let bin_dir = binary_path("tidings-api").parent().unwrap().to_owned();
+        let mut child = tokio::process::Command::new(binary_path("tidings-aws-local"))
+            .args(["--listen", "127.0.0.1:0", "--bin-dir"])
+            .arg(&bin_dir)
+            .args(["--sweep-interval", "1s", "--visibility-timeout", "5s"])
+            .args(["--max-receive-count", "2", "--function-timeout", "5s"])
+            .env("AWS_ENDPOINT_URL", &endpoint)
+            .env("TIDINGS_RETRY_SCHEDULE", "0s,1s,1s")
+            .env("TIDINGS_ALLOW_CALLBACK_CIDRS", "127.0.0.0/8")
+            .env("TIDINGS_SWEEP_GRACE", "3s")
+            .env("TIDINGS_REQUEST_TIMEOUT", "2s")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn tidings-aws-local");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("tidings-aws-local printed its JSON line within 60 s")
+            .unwrap()
+            .expect("tidings-aws-local exited before printing its JSON line (is moto running?)");
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let info: Value = serde_json::from_str(&line).expect("start line is JSON");
+
+        let sdk = tidings_core::aws::dynamo::load_sdk_config().await;
+        let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
+        let sqs = aws_sdk_sqs::Client::new(&sdk);
+        let store = DynamoStore::new(dynamo, info["tableName"].as_str().unwrap());
+        let config = AppConfig {
+            sweep_grace: Duration::from_secs(2),
+            ..AppConfig::default()
+        };
+        let app = App::new(store, BlackHoleQueue, SystemClock, config);
+        let key = app
+            .create_api_key(&TenantId::parse("t1").unwrap())
+            .await
+            .expect("create an API key in the table");
+        let api = ApiClient::new(info["apiUrl"].as_str().unwrap(), key);
+        Self {
+            child,
+            info,
+            api,
+            sqs,
+            app,
+        }
+    }
+
+    fn url(&self, name: &str) -> String {
+        self.info[name].as_str().unwrap().to_owned()
+    }
+
+    async fn functions(&self) -> Value {
+        let r = self.api.get("/_aws_local/functions").await;
+        assert_eq!(r.status, 200);
+        r.body
+    }
+
+    /// Messages currently in a queue (visible + in flight), per SQS's approximate counters.
+    async fn queue_depth(&self, url: &str) -> usize {
+        let attrs = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+            .send()
+            .await
+            .unwrap();
+        let get = |name: aws_sdk_sqs::types::QueueAttributeName| -> usize {
+            attrs
+                .attributes()
+                .and_then(|a| a.get(&name))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        get(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+            + get(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+    }
+}
+
+impl Drop for AwsLocal {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+fn verify(secret: &str, r: &tidings_tests::Received) {
+    let secret = Secret::parse(secret).unwrap();
+    signing::verify(
+        secret.key(),
+        r.header("webhook-id"),
+        r.header("webhook-timestamp"),
+        r.header("webhook-signature"),
+        &r.body,
+        Timestamp::now().unix_seconds(),
+        signing::DEFAULT_TOLERANCE_SECS,
+    )
+    .expect("valid signature");
+}
+
+async fn deliveries_of(api: &ApiClient, sub: &Value) -> Vec<Value> {
+    api.deliveries(sub["subscriptionId"].as_str().unwrap())
+        .await
+}
+
+#[tokio::test]
+async fn api_subscribe_and_publish_deliver_a_signed_webhook() {
+    let aws = AwsLocal::start().await;
+    let receiver = TestReceiver::start().await;
+    let sub = aws.api.subscribe(&receiver.url("/aws"), &["order.*"]).await;
+    let body = r#"{"eventType":"order.shipped","occurredAt":"2026-11-25T10:00:00Z","data":{"id":7, "tags":["x"]}}"#;
+    let r = aws
+        .api
+        .send(reqwest::Method::POST, "/events", Some(body.as_bytes()), &[])
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let event_id = r.body["eventId"].as_str().unwrap();
+    let got = receiver.wait_for("/aws", 1, WAIT).await;
+    assert_eq!(
+        std::str::from_utf8(&got[0].body).unwrap(),
+        format!(
+            r#"{{"eventId":"{event_id}","eventType":"order.shipped","occurredAt":"2026-11-25T10:00:00.000Z","data":{{"id":7, "tags":["x"]}}}}"#
+        )
+    );
+    verify(sub["secret"].as_str().unwrap(), &got[0]);
+    let list = deliveries_of(&aws.api, &sub).await;
+    let d = aws
+        .api
+        .wait_delivery(list[0]["deliveryId"].as_str().unwrap(), WAIT, |d| {
+            d["status"] == "succeeded"
+        })
+        .await;
+    assert_eq!(d["attempts"].as_array().unwrap().len(), 1);
+    // Validation errors come back through API Gateway as problem+json too.
+    let bad = aws
+        .api
+        .post("/events", &json!({"eventType": "a b", "data": 1}))
+        .await;
+    assert_eq!(bad.status, 422);
+    assert_eq!(bad.body["field"], "eventType");
+    assert_eq!(
+        aws.api
+            .with_key("tdk_wrong-key-xxxxxxxx")
+            .get("/webhook-subscriptions")
+            .await
+            .status,
+        401
+    );
+}
+
+#[tokio::test]
+async fn an_event_sent_by_a_plain_sqs_producer_is_delivered() {
+    let aws = AwsLocal::start().await;
+    let receiver = TestReceiver::start().await;
+    let sub = aws
+        .api
+        .subscribe(&receiver.url("/sqs"), &["invoice.paid"])
+        .await;
+    let attr = |v: &str| {
+        aws_sdk_sqs::types::MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value(v)
+            .build()
+            .unwrap()
+    };
+    aws.sqs
+        .send_message()
+        .queue_url(aws.url("eventsQueueUrl"))
+        .message_body(
+            r#"{"eventType":"invoice.paid","eventId":"inv-1001-paid","data":{"amount":12}}"#,
+        )
+        .message_attributes("tenant", attr("t1"))
+        .send()
+        .await
+        .unwrap();
+    let got = receiver.wait_for("/sqs", 1, WAIT).await;
+    assert_eq!(got[0].json()["eventId"], "inv-1001-paid");
+    assert_eq!(got[0].json()["data"]["amount"], 12);
+    verify(sub["secret"].as_str().unwrap(), &got[0]);
+    let event = aws.api.get("/events/inv-1001-paid").await;
+    assert_eq!(event.status, 200);
+}
+
+#[tokio::test]
+async fn a_failing_receiver_is_retried_and_every_attempt_logged() {
+    let aws = AwsLocal::start().await;
+    let receiver = TestReceiver::start().await;
+    receiver.script([Reply::status(503).body("busy"), Reply::status(500)]);
+    let sub = aws.api.subscribe(&receiver.url("/flaky"), &["*"]).await;
+    aws.api.publish("a.b", json!({})).await;
+    receiver.wait_for("/flaky", 3, WAIT).await;
+    let list = deliveries_of(&aws.api, &sub).await;
+    let d = aws
+        .api
+        .wait_delivery(list[0]["deliveryId"].as_str().unwrap(), WAIT, |d| {
+            d["status"] == "succeeded"
+        })
+        .await;
+    let codes: Vec<_> = d["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["statusCode"].clone())
+        .collect();
+    assert_eq!(codes, [json!(503), json!(500), json!(200)]);
+    assert_eq!(d["attempts"][0]["responseSnippet"], "busy");
+}
+
+#[tokio::test]
+async fn a_delivery_whose_job_never_reached_the_queue_is_sent_by_the_sweep() {
+    let aws = AwsLocal::start().await;
+    let receiver = TestReceiver::start().await;
+    let sub = aws.api.subscribe(&receiver.url("/lost"), &["*"]).await;
+    // Published through the application layer with a queue that drops the job: only the store
+    // knows about the delivery.
+    let published = aws
+        .app
+        .publish_event(
+            &TenantId::parse("t1").unwrap(),
+            PublishRequest {
+                event_type: EventType::parse("lost.job").unwrap(),
+                data: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+                event_id: None,
+                occurred_at: None,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(published.deliveries, 1);
+    let got = receiver.wait_for("/lost", 1, WAIT).await;
+    assert_eq!(got[0].json()["eventId"], published.event_id.as_str());
+    let list = deliveries_of(&aws.api, &sub).await;
+    aws.api
+        .wait_delivery(list[0]["deliveryId"].as_str().unwrap(), WAIT, |d| {
+            d["status"] == "succeeded"
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn the_same_job_message_twice_is_one_logical_delivery() {
+    let aws = AwsLocal::start().await;
+    let receiver = TestReceiver::start().await;
+    let sub = aws.api.subscribe(&receiver.url("/dup"), &["*"]).await;
+    aws.api.publish("dup.check", json!({})).await;
+    receiver.wait_for("/dup", 1, WAIT).await;
+    let list = deliveries_of(&aws.api, &sub).await;
+    let delivery_id = list[0]["deliveryId"].as_str().unwrap().to_owned();
+    aws.api
+        .wait_delivery(&delivery_id, WAIT, |d| d["status"] == "succeeded")
+        .await;
+    // SQS is at-least-once: replay the job message, twice at once.
+    let job = json!({"tenantId": "t1", "deliveryId": delivery_id}).to_string();
+    let kind = aws_sdk_sqs::types::MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value("delivery-job")
+        .build()
+        .unwrap();
+    for _ in 0..2 {
+        aws.sqs
+            .send_message()
+            .queue_url(aws.url("deliveriesQueueUrl"))
+            .message_body(&job)
+            .message_attributes("tidings-kind", kind.clone())
+            .send()
+            .await
+            .unwrap();
+    }
+    let deliveries_queue = aws.url("deliveriesQueueUrl");
+    eventually("the duplicate jobs are consumed", WAIT, || async {
+        aws.queue_depth(&deliveries_queue).await == 0
+    })
+    .await;
+    let d = aws
+        .api
+        .get(&format!("/deliveries/{delivery_id}"))
+        .await
+        .body;
+    assert_eq!(d["status"], "succeeded");
+    assert_eq!(
+        d["attempts"].as_array().unwrap().len(),
+        1,
+        "one recorded success: {d:#}"
+    );
+    assert_eq!(
+        receiver.received_on("/dup").len(),
+        1,
+        "a finished delivery is never re-sent"
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_record_ends_in_the_dlq_and_the_rest_of_the_batch_succeeds() {
+    let aws = AwsLocal::start().await;
+    let receiver = TestReceiver::start().await;
+    aws.api.subscribe(&receiver.url("/batch"), &["*"]).await;
+    let tenant = aws_sdk_sqs::types::MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value("t1")
+        .build()
+        .unwrap();
+    let mut batch = aws
+        .sqs
+        .send_message_batch()
+        .queue_url(aws.url("eventsQueueUrl"));
+    for i in 0..5 {
+        let body = if i == 2 {
+            "{this is not json".to_owned()
+        } else {
+            json!({"eventType": "batch.item", "eventId": format!("batch-{i}"), "data": i})
+                .to_string()
+        };
+        batch = batch.entries(
+            aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+                .id(format!("m{i}"))
+                .message_body(body)
+                .message_attributes("tenant", tenant.clone())
+                .build()
+                .unwrap(),
+        );
+    }
+    batch.send().await.unwrap();
+    let got = receiver.wait_for("/batch", 4, WAIT).await;
+    let ids: HashSet<String> = got
+        .iter()
+        .map(|r| r.json()["eventId"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        ids,
+        HashSet::from(["batch-0", "batch-1", "batch-3", "batch-4"].map(String::from))
+    );
+    let dlq = aws.url("eventsDlqUrl");
+    eventually(
+        "the malformed record is in the events DLQ",
+        WAIT,
+        || async { aws.queue_depth(&dlq).await == 1 },
+    )
+    .await;
+    let moved = aws
+        .sqs
+        .receive_message()
+        .queue_url(&dlq)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(moved.messages()[0].body(), Some("{this is not json"));
+}
+
+#[tokio::test]
+async fn killing_deliver_mid_batch_loses_nothing() {
+    let aws = AwsLocal::start().await;
+    let receiver = TestReceiver::start().await;
+    receiver.always(Reply {
+        delay: Duration::from_millis(300),
+        ..Reply::status(200)
+    });
+    let sub = aws.api.subscribe(&receiver.url("/kill"), &["*"]).await;
+    let mut published = HashSet::new();
+    for i in 0..12 {
+        published.insert(aws.api.publish("kill.test", json!({"n": i})).await);
+    }
+    receiver.wait_for("/kill", 1, WAIT).await;
+    let functions = aws.functions().await;
+    let mut killed = 0;
+    for f in functions.as_array().unwrap() {
+        if f["name"].as_str().unwrap().starts_with("tidings-deliver") {
+            let pid = f["pid"].as_i64().unwrap();
+            let status = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success());
+            killed += 1;
+        }
+    }
+    assert!(killed > 0, "no deliver process to kill: {functions:#}");
+    assert!(
+        receiver.received_on("/kill").len() < 12,
+        "the kill came too late"
+    );
+    let sub_id = sub["subscriptionId"].as_str().unwrap().to_owned();
+    eventually(
+        "every delivery succeeded after the kill",
+        Duration::from_secs(90),
+        || {
+            let api = aws.api.clone();
+            let sub_id = sub_id.clone();
+            async move {
+                let r = api
+                    .get(&format!(
+                        "/webhook-subscriptions/{sub_id}/deliveries?limit=100"
+                    ))
+                    .await;
+                let list = r.body["data"].as_array().cloned().unwrap_or_default();
+                list.len() == 12 && list.iter().all(|d| d["status"] == "succeeded")
+            }
+        },
+    )
+    .await;
+    let arrived: HashSet<String> = receiver
+        .received_on("/kill")
+        .iter()
+        .map(|r| r.json()["eventId"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(arrived, published);
+    let restarted = aws.functions().await;
+    assert!(
+        restarted
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["restarts"].as_u64().unwrap_or(0) > 0),
+        "the killed process was replaced: {restarted:#}"
+    );
+}
