@@ -429,24 +429,9 @@ async fn killing_deliver_mid_batch_loses_nothing() {
         "the kill came too late"
     );
     let sub_id = sub["subscriptionId"].as_str().unwrap().to_owned();
-    eventually(
-        "every delivery succeeded after the kill",
-        Duration::from_secs(90),
-        || {
-            let api = aws.api.clone();
-            let sub_id = sub_id.clone();
-            async move {
-                let r = api
-                    .get(&format!(
-                        "/webhook-subscriptions/{sub_id}/deliveries?limit=100"
-                    ))
-                    .await;
-                let list = r.body["data"].as_array().cloned().unwrap_or_default();
-                list.len() == 12 && list.iter().all(|d| d["status"] == "succeeded")
-            }
-        },
-    )
-    .await;
+    aws.api
+        .wait_all_succeeded(&sub_id, 12, Duration::from_secs(90))
+        .await;
     let arrived: HashSet<String> = receiver
         .received_on("/kill")
         .iter()

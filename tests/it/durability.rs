@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::json;
-use tidings_tests::{ApiClient, Reply, TestReceiver, TidingsProcess, binary_path, eventually};
+use tidings_tests::{ApiClient, Reply, TestReceiver, TidingsProcess, binary_path};
 
 #[tokio::test]
 async fn sigkill_mid_run_loses_nothing() {
@@ -51,24 +51,8 @@ async fn sigkill_mid_run_loses_nothing() {
     );
     let api = second.api.clone();
     let sub_id = sub["subscriptionId"].as_str().unwrap().to_owned();
-    eventually(
-        "every delivery succeeded after the restart",
-        Duration::from_secs(60),
-        || {
-            let api = api.clone();
-            let sub_id = sub_id.clone();
-            async move {
-                let r = api
-                    .get(&format!(
-                        "/webhook-subscriptions/{sub_id}/deliveries?limit=100"
-                    ))
-                    .await;
-                let list = r.body["data"].as_array().cloned().unwrap_or_default();
-                list.len() == 40 && list.iter().all(|d| d["status"] == "succeeded")
-            }
-        },
-    )
-    .await;
+    api.wait_all_succeeded(&sub_id, 40, Duration::from_secs(60))
+        .await;
     let arrived: HashSet<String> = receiver
         .received_on("/crash")
         .iter()

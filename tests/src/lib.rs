@@ -308,6 +308,17 @@ impl ApiClient {
         r.body["data"].as_array().unwrap().clone()
     }
 
+    /// Waits until the subscription has exactly `n` deliveries, all succeeded; panics after `timeout`.
+    pub async fn wait_all_succeeded(&self, subscription_id: &str, n: usize, timeout: Duration) {
+        let path = format!("/webhook-subscriptions/{subscription_id}/deliveries?limit=250");
+        eventually(&format!("{n} succeeded deliveries"), timeout, || async {
+            let r = self.get(&path).await;
+            let list = r.body["data"].as_array().cloned().unwrap_or_default();
+            list.len() == n && list.iter().all(|d| d["status"] == "succeeded")
+        })
+        .await;
+    }
+
     /// Polls a delivery until `done` holds, or panics after `timeout`.
     pub async fn wait_delivery(
         &self,

@@ -4,19 +4,12 @@
 mod handler;
 
 use lambda_runtime::{Error, LambdaEvent, service_fn};
-use tidings_core::aws::{AwsSettings, build_app, build_sender};
-use tracing_subscriber::EnvFilter;
+use tidings_core::aws::{build_app, build_sender, init_lambda_logging, settings_from_env};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_ansi(false)
-        .with_current_span(false)
-        .init();
-    let settings = AwsSettings::from_env()
-        .inspect_err(|e| tracing::error!(error = %e, "invalid configuration"))?;
+    init_lambda_logging();
+    let settings = settings_from_env()?;
     let (app, sender) = (&build_app(&settings).await, &build_sender(&settings)?);
     let concurrency = settings.deliver_concurrency;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<_>| async move {

@@ -11,4 +11,4 @@ pub mod wiring;
 pub use messages::{QueueMessage, process_messages};
 pub use settings::{AwsSettings, ConfigError};
 pub use sqs::SqsQueue;
-pub use wiring::{AwsApp, build_app, build_sender};
+pub use wiring::{AwsApp, build_app, build_sender, init_lambda_logging, settings_from_env};

@@ -1,7 +1,7 @@
 //! Building the AWS-backed application once, at a function's cold start.
 
 use super::dynamo::{DynamoStore, load_sdk_config};
-use super::settings::AwsSettings;
+use super::settings::{AwsSettings, ConfigError};
 use super::sqs::SqsQueue;
 use crate::app::App;
 use crate::ports::SystemClock;
@@ -25,4 +25,22 @@ pub async fn build_app(settings: &AwsSettings) -> AwsApp {
 /// The HTTP sender with the configured egress policy and timeouts.
 pub fn build_sender(settings: &AwsSettings) -> Result<ReqwestSender, SenderBuildError> {
     ReqwestSender::new(settings.sender_config())
+}
+
+/// JSON log lines for CloudWatch, filtered by `RUST_LOG` (default `info`); each function's
+/// `main` calls this first.
+pub fn init_lambda_logging() {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_ansi(false)
+        .with_current_span(false)
+        .init();
+}
+
+/// The settings, or an error that is also logged (a Lambda's init error is otherwise easy to miss).
+pub fn settings_from_env() -> Result<AwsSettings, ConfigError> {
+    AwsSettings::from_env().inspect_err(|e| tracing::error!(error = %e, "invalid configuration"))
 }
