@@ -1,15 +1,34 @@
 //! The embedded store: one SQLite file in WAL mode, with the same semantics as the DynamoDB store.
 //!
 //! Entities are stored as the JSON of their domain type; the columns beside the body are only the
-//! keys and indexes queries need. Blocking calls run on tokio's blocking pool over one connection.
+//! keys and indexes queries need.
+//!
+//! Threads: one writer thread owns the read-write connection and one reader thread owns a
+//! read-only connection (WAL lets it read while the writer commits); calls reach them over a
+//! channel and get their answer back on a oneshot, so a call costs one hand-off each way. JSON is
+//! encoded before and decoded after the hand-off, on the caller's task, to keep the two threads'
+//! work short. A third thread copies the WAL into the database file (a checkpoint, with its own
+//! fsync of that file) while the writer goes on committing, instead of the writer doing it inside
+//! every thousandth commit with everyone in that batch waiting.
+//!
+//! Group commit: the writer takes every write already queued (up to [`MAX_BATCH`]), runs each in
+//! its own SAVEPOINT inside one transaction, and commits once: one WAL sync for the whole batch,
+//! with `synchronous = FULL` as before. A write that fails its own check (`Conflict`, `NotFound`)
+//! or errors rolls back to its savepoint only. Nobody hears `Ok` before the commit returned, and if
+//! the commit fails every write of the batch fails with it.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rusqlite::{Connection, ErrorCode, OptionalExtension as _, TransactionBehavior, ffi, params};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension as _, ffi, params};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
 
 use crate::domain::{
     ApiKeyRecord, Delivery, DeliveryId, Event, EventId, Subscription, SubscriptionId, TenantId,
@@ -21,6 +40,19 @@ use crate::ports::{
 
 /// Bumped with every schema change; `open` migrates older files forward.
 const SCHEMA_VERSION: i64 = 1;
+
+/// The most writes one group commit takes: bounds how long the first of them waits.
+const MAX_BATCH: usize = 256;
+
+/// How long the checkpointer lets the WAL grow after a commit before copying it into the
+/// database: one checkpoint (and one fsync of the database file) then covers many commits.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
+
+/// WAL length (in pages) at which the writer checkpoints by itself (SQLite's default is 1,000).
+/// The checkpointer normally copies the pages long before; the writer's own checkpoint then only
+/// finishes the last few and lets the next commit start the WAL from the top, so it stays
+/// around this size (16 MiB of 4 KiB pages) however long the load lasts.
+const WRITER_AUTOCHECKPOINT_PAGES: u32 = 4_000;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -64,11 +96,139 @@ CREATE INDEX IF NOT EXISTS deliveries_due
     ON deliveries (due_at) WHERE due_at IS NOT NULL;
 ";
 
-/// A [`Store`] over one SQLite database.
+/// A [`Store`] over one SQLite database. Clones share the connections and their threads, which
+/// stop (after finishing the calls already queued) when the last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    conn: Arc<Mutex<Connection>>,
+    inner: Arc<Inner>,
 }
+
+#[derive(Debug)]
+struct Inner {
+    /// `None` only while dropping.
+    writer: Option<mpsc::Sender<WriterMsg>>,
+    /// `None` for an in-memory database (no second connection can see it): reads go to the writer.
+    reader: Option<mpsc::Sender<ReadJob>>,
+    writer_thread: Option<JoinHandle<()>>,
+    reader_thread: Option<JoinHandle<()>>,
+    checkpointer_thread: Option<JoinHandle<()>>,
+    stats: Arc<Stats>,
+}
+
+impl Drop for Inner {
+    /// Closes the channels and waits for the threads (the writer finishes what is queued), so the
+    /// file is closed when the store is gone, as it was when the connection lived here. The
+    /// checkpointer's read-write connection closes last: SQLite then checkpoints and removes the
+    /// WAL.
+    fn drop(&mut self) {
+        // A thread that panicked has nothing left to clean up, hence the ignored joins.
+        self.reader = None;
+        if let Some(thread) = self.reader_thread.take() {
+            let _ = thread.join();
+        }
+        // The writer drops the checkpointer's wake-up channel as it ends.
+        self.writer = None;
+        if let Some(thread) = self.writer_thread.take() {
+            let _ = thread.join();
+        }
+        if let Some(thread) = self.checkpointer_thread.take() {
+            self.stats.closing.store(true, Ordering::Release);
+            thread.thread().unpark();
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What the threads share besides their channels; tests read the counters to see that commits
+/// are shared.
+#[derive(Debug, Default)]
+struct Stats {
+    /// Writes handed to the writer thread.
+    submitted: AtomicU64,
+    /// Transactions the writer committed (each one WAL sync).
+    commits: AtomicU64,
+    /// Background checkpoints run.
+    checkpoints: AtomicU64,
+    /// Set when the store is dropped: the checkpointer stops waiting.
+    closing: AtomicBool,
+}
+
+/// A read, boxed with the oneshot it answers on.
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+enum WriterMsg {
+    /// In-memory stores only.
+    Read(ReadJob),
+    Write(Box<dyn WriteJob>),
+}
+
+impl std::fmt::Debug for WriterMsg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Read(_) => "Read",
+            Self::Write(_) => "Write",
+        })
+    }
+}
+
+/// One write of a group commit: `run` inside the batch's transaction, `reply` once its fate is
+/// known.
+trait WriteJob: Send {
+    /// Does the write on `conn` (inside its savepoint) and keeps the answer; `false` if it failed,
+    /// so its savepoint must be rolled back.
+    fn run(&mut self, conn: &Connection) -> bool;
+    /// Sends the kept answer if the batch committed, else the batch's failure.
+    fn reply(self: Box<Self>, batch: Result<(), &GroupCommitFailed>);
+}
+
+struct PendingWrite<T, F> {
+    work: Option<F>,
+    answer: Option<StoreResult<T>>,
+    reply: oneshot::Sender<StoreResult<T>>,
+}
+
+impl<T, F> WriteJob for PendingWrite<T, F>
+where
+    T: Send,
+    F: FnOnce(&Connection) -> StoreResult<T> + Send,
+{
+    fn run(&mut self, conn: &Connection) -> bool {
+        let Some(work) = self.work.take() else {
+            return false;
+        };
+        let answer = catch_unwind(AssertUnwindSafe(|| work(conn)))
+            .unwrap_or_else(|_| Err(StoreError::unavailable(Panicked)));
+        let ok = answer.is_ok();
+        self.answer = Some(answer);
+        ok
+    }
+
+    fn reply(self: Box<Self>, batch: Result<(), &GroupCommitFailed>) {
+        let answer = match (batch, self.answer) {
+            (Ok(()), Some(answer)) => answer,
+            // Even a `Conflict` may have been judged on a write the failed commit took back.
+            (Err(failed), _) => Err(StoreError::unavailable(failed.clone())),
+            // Every write of a committed batch ran; this is only for completeness.
+            (Ok(()), None) => Err(StoreError::unavailable(Stopped)),
+        };
+        // The caller may have gone away; the write stands regardless, as any committed write.
+        let _ = self.reply.send(answer);
+    }
+}
+
+/// The batch a write was part of did not commit, so the write did not happen.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the group commit failed; no write of its batch was saved")]
+struct GroupCommitFailed(#[source] Arc<rusqlite::Error>);
+
+/// The store's thread answered no more (it stopped, or the call panicked on it).
+#[derive(Debug, thiserror::Error)]
+#[error("the SQLite thread stopped before answering")]
+struct Stopped;
+
+#[derive(Debug, thiserror::Error)]
+#[error("the store call panicked")]
+struct Panicked;
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file and brings its schema up to date.
@@ -77,10 +237,10 @@ impl SqliteStore {
     /// runs: WAL lets readers and one writer share it, and the busy timeout makes writers queue.
     /// Blocking (up to that timeout): call it at start-up, not on a busy runtime thread.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(path).map_err(StoreError::unavailable)?;
+        let writer = Connection::open(path).map_err(StoreError::unavailable)?;
         // Before anything else: switching to WAL itself may wait for another process's lock.
-        set_busy_timeout(&conn)?;
-        let mode: String = conn
+        set_busy_timeout(&writer)?;
+        let mode: String = writer
             .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
             .map_err(StoreError::unavailable)?;
         if !mode.eq_ignore_ascii_case("wal") {
@@ -89,44 +249,126 @@ impl SqliteStore {
                 path.display()
             )));
         }
-        Self::init(conn)
+        let writer = init(writer)?;
+        writer
+            .pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)
+            .map_err(StoreError::unavailable)?;
+        // Both opened after the writer made the file WAL and current. The reader can never write.
+        let reader = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(StoreError::unavailable)?;
+        set_busy_timeout(&reader)?;
+        keep_statements(&reader);
+        // A checkpoint needs a read-write connection; this one runs nothing else.
+        let checkpointer = Connection::open(path).map_err(StoreError::unavailable)?;
+        set_busy_timeout(&checkpointer)?;
+        // The checkpoint syncs the WAL before and the database after copying, unless sync is OFF.
+        checkpointer
+            .pragma_update(None, "synchronous", "FULL")
+            .map_err(StoreError::unavailable)?;
+        Self::start(
+            writer,
+            Some(FileThreads {
+                reader,
+                checkpointer,
+            }),
+        )
     }
 
     /// A private, empty in-memory database (tests).
     pub fn open_in_memory() -> Result<Self, StoreError> {
         let conn = Connection::open_in_memory().map_err(StoreError::unavailable)?;
         set_busy_timeout(&conn)?;
-        Self::init(conn)
+        Self::start(init(conn)?, None)
     }
 
-    fn init(mut conn: Connection) -> Result<Self, StoreError> {
-        // An accepted event must survive a power cut: FULL syncs the WAL on every commit.
-        // (Per connection, not stored in the file, so it is set on every open.)
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(StoreError::unavailable)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(StoreError::unavailable)?;
-        migrate(&mut conn)?;
+    fn start(writer: Connection, file: Option<FileThreads>) -> Result<Self, StoreError> {
+        let stats = Arc::new(Stats::default());
+        let (writer_tx, writer_rx) = mpsc::channel();
+        let mut inner = Inner {
+            writer: Some(writer_tx),
+            reader: None,
+            writer_thread: None,
+            reader_thread: None,
+            checkpointer_thread: None,
+            stats: Arc::clone(&stats),
+        };
+        // From here on, dropping `inner` on an error stops whatever was started.
+        let wake_checkpointer = match file {
+            Some(FileThreads {
+                reader,
+                checkpointer,
+            }) => {
+                let (tx, rx) = mpsc::channel::<ReadJob>();
+                inner.reader = Some(tx);
+                inner.reader_thread = Some(spawn("sqlite-reader", move || {
+                    while let Ok(job) = rx.recv() {
+                        run_read(&reader, job);
+                    }
+                })?);
+                // One slot: a wake-up already waiting covers every later commit.
+                let (wake, woken) = mpsc::sync_channel(1);
+                let stats = Arc::clone(&stats);
+                inner.checkpointer_thread = Some(spawn("sqlite-checkpoint", move || {
+                    checkpointer_loop(&checkpointer, &woken, &stats);
+                })?);
+                Some(wake)
+            }
+            None => None,
+        };
+        inner.writer_thread = Some(spawn("sqlite-writer", move || {
+            writer_loop(&writer, &writer_rx, &stats, wake_checkpointer.as_ref());
+        })?);
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            inner: Arc::new(inner),
         })
     }
 
-    /// Runs `f` on the connection in the blocking pool.
-    async fn call<T, F>(&self, f: F) -> StoreResult<T>
+    /// Runs the read `f` on the reader connection (the writer's for an in-memory store).
+    async fn read<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     {
-        let conn = Arc::clone(&self.conn);
-        tokio::task::spawn_blocking(move || {
-            // A panic mid-call leaves no half-written state: an open transaction is rolled back
-            // when it is dropped during unwinding, so a poisoned lock is still a good connection.
-            let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
-            f(&mut conn)
-        })
-        .await
-        .map_err(StoreError::unavailable)?
+        let (tx, rx) = oneshot::channel();
+        let job: ReadJob = Box::new(move |conn| {
+            let _ = tx.send(f(conn));
+        });
+        let sent = match (&self.inner.reader, &self.inner.writer) {
+            (Some(reader), _) => reader.send(job).is_ok(),
+            (None, Some(writer)) => writer.send(WriterMsg::Read(job)).is_ok(),
+            (None, None) => false,
+        };
+        if !sent {
+            return Err(StoreError::unavailable(Stopped));
+        }
+        rx.await.map_err(|_| StoreError::unavailable(Stopped))?
+    }
+
+    /// Runs the write `f` in the writer's next group commit; answers once that batch committed.
+    async fn write<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job = Box::new(PendingWrite {
+            work: Some(f),
+            answer: None,
+            reply: tx,
+        });
+        let writer = self
+            .inner
+            .writer
+            .as_ref()
+            .ok_or_else(|| StoreError::unavailable(Stopped))?;
+        self.inner.stats.submitted.fetch_add(1, Ordering::Relaxed);
+        writer
+            .send(WriterMsg::Write(job))
+            .map_err(|_| StoreError::unavailable(Stopped))?;
+        rx.await.map_err(|_| StoreError::unavailable(Stopped))?
     }
 
     /// After a crash, for the single-process local runner only (it holds an exclusive lock on its
@@ -134,13 +376,10 @@ impl SqliteStore {
     /// unfinished delivery is released from its lease and becomes due at its next attempt time
     /// (or now), so the sweep sends it again. Returns how many were touched.
     pub async fn recover_after_restart(&self, now: Timestamp) -> Result<usize, StoreError> {
-        self.call(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(StoreError::unavailable)?;
+        self.write(move |conn| {
             // Unfinished deliveries are all in the due index.
             let leased: Vec<Delivery> = {
-                let mut stmt = tx
+                let mut stmt = conn
                     .prepare("SELECT body FROM deliveries WHERE due_at IS NOT NULL")
                     .map_err(StoreError::unavailable)?;
                 let rows = stmt
@@ -163,13 +402,25 @@ impl SqliteStore {
                 next.due_at = Some(d.next_attempt_at.map_or(now, |t| t.max(now)));
                 next.updated_at = now;
                 next.version = expected.saturating_add(1);
-                write_delivery(&tx, &next, expected)?;
+                write_delivery(conn, &DeliveryWrite::new(&next, expected)?)?;
             }
-            tx.commit().map_err(StoreError::unavailable)?;
             Ok(leased.len())
         })
         .await
     }
+}
+
+/// The connections a file-backed store has besides the writer's.
+struct FileThreads {
+    reader: Connection,
+    checkpointer: Connection,
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StoreError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(StoreError::unavailable)
 }
 
 fn set_busy_timeout(conn: &Connection) -> Result<(), StoreError> {
@@ -177,9 +428,28 @@ fn set_busy_timeout(conn: &Connection) -> Result<(), StoreError> {
         .map_err(StoreError::unavailable)
 }
 
+/// Per-connection settings and the schema, on the read-write connection.
+fn init(mut conn: Connection) -> Result<Connection, StoreError> {
+    // An accepted event must survive a power cut: FULL syncs the WAL on every commit.
+    // (Per connection, not stored in the file, so it is set on every open.)
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(StoreError::unavailable)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(StoreError::unavailable)?;
+    migrate(&mut conn)?;
+    keep_statements(&conn);
+    Ok(conn)
+}
+
+/// Every statement a connection runs stays prepared (rusqlite keeps 16 by default; the writer
+/// alone has 16, and an in-memory store's writer runs the reads too).
+fn keep_statements(conn: &Connection) {
+    conn.set_prepared_statement_cache_capacity(64);
+}
+
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(StoreError::unavailable)?;
     let version: i64 = tx
         .pragma_query_value(None, "user_version", |row| row.get(0))
@@ -200,6 +470,107 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     tx.commit().map_err(StoreError::unavailable)
 }
 
+fn run_read(conn: &Connection, job: ReadJob) {
+    // A panicking read drops its oneshot (its caller hears `Stopped`); the thread carries on.
+    let _ = catch_unwind(AssertUnwindSafe(|| job(conn)));
+}
+
+/// The writer thread: takes what is queued, answers reads at once (in-memory stores), and commits
+/// the writes together.
+fn writer_loop(
+    conn: &Connection,
+    rx: &mpsc::Receiver<WriterMsg>,
+    stats: &Stats,
+    wake_checkpointer: Option<&mpsc::SyncSender<()>>,
+) {
+    let mut batch: Vec<Box<dyn WriteJob>> = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                // Outside any transaction: a read sees committed writes only. Answering it
+                // before writes queued ahead of it is fine, as none of those has been answered.
+                WriterMsg::Read(job) => run_read(conn, job),
+                WriterMsg::Write(job) => batch.push(job),
+            }
+            if batch.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            let outcome = group_commit(conn, &mut batch);
+            if outcome.is_ok() {
+                stats.commits.fetch_add(1, Ordering::Relaxed);
+                if let Some(wake) = wake_checkpointer {
+                    // Full: a wake-up is already waiting. Disconnected: it has stopped.
+                    let _ = wake.try_send(());
+                }
+            } else if !conn.is_autocommit() {
+                // The error is already on its way to every caller; leave the connection clean.
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            let outcome = outcome.map_err(|e| GroupCommitFailed(Arc::new(e)));
+            for job in batch.drain(..) {
+                job.reply(outcome.as_ref().map(|_| ()));
+            }
+        }
+    }
+}
+
+/// The checkpointer thread: after each commit (at most one per [`CHECKPOINT_INTERVAL`]), copies
+/// what the WAL holds into the database without blocking the writer or readers (PASSIVE).
+fn checkpointer_loop(conn: &Connection, woken: &mpsc::Receiver<()>, stats: &Stats) {
+    let mut failing = false;
+    while woken.recv().is_ok() {
+        if stats.closing.load(Ordering::Acquire) {
+            return;
+        }
+        // Unparked at once when the store is dropped.
+        std::thread::park_timeout(CHECKPOINT_INTERVAL);
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            Ok(()) => {
+                stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+                failing = false;
+            }
+            // Nothing is lost: the writer checkpoints by itself once the WAL is long enough.
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "background checkpoint failed");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Runs every write of `batch` in its own savepoint inside one IMMEDIATE transaction and commits
+/// it. `Err` if the transaction as a whole failed (nothing of it was saved).
+fn group_commit(conn: &Connection, batch: &mut [Box<dyn WriteJob>]) -> rusqlite::Result<()> {
+    // IMMEDIATE takes the write lock up front, so each write's checks and changes are one atomic
+    // step even with a second process on the file.
+    exec(conn, "BEGIN IMMEDIATE")?;
+    for job in batch.iter_mut() {
+        exec(conn, "SAVEPOINT write")?;
+        if !job.run(conn) {
+            // Only this write's changes go; the batch goes on.
+            exec(conn, "ROLLBACK TO write")?;
+        }
+        exec(conn, "RELEASE write")?;
+        // Some errors (I/O, disk full) make SQLite roll the whole transaction back; the writes
+        // before this one are gone then, so the batch has failed.
+        if conn.is_autocommit() {
+            return Err(rusqlite::Error::SqliteFailure(
+                ffi::Error::new(ffi::SQLITE_ABORT),
+                Some("SQLite rolled back the group commit's transaction".into()),
+            ));
+        }
+    }
+    exec(conn, "COMMIT")
+}
+
+fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
+}
+
 fn encode<T: Serialize>(value: &T) -> StoreResult<String> {
     serde_json::to_string(value).map_err(StoreError::unavailable)
 }
@@ -207,6 +578,10 @@ fn encode<T: Serialize>(value: &T) -> StoreResult<String> {
 /// `from_str`, not `from_value`: an event's `data` is a `RawValue` and must keep its bytes.
 fn decode<T: DeserializeOwned>(body: &str) -> StoreResult<T> {
     serde_json::from_str(body).map_err(StoreError::unavailable)
+}
+
+fn decode_all<T: DeserializeOwned>(bodies: &[String]) -> StoreResult<Vec<T>> {
+    bodies.iter().map(|b| decode(b)).collect()
 }
 
 /// A primary-key or unique clash (not any constraint: a NOT NULL failure is a bug, not a conflict).
@@ -244,38 +619,55 @@ fn into_page<T>(mut items: Vec<T>, limit: u32, cursor_of: impl Fn(&T) -> String)
     Page { items, next }
 }
 
-fn query_bodies<T: DeserializeOwned>(
+/// The bodies a query returns, still JSON: the caller decodes them off the store's thread.
+fn query_bodies(
     conn: &Connection,
     sql: &str,
     params: impl rusqlite::Params,
-) -> StoreResult<Vec<T>> {
+) -> StoreResult<Vec<String>> {
     let mut stmt = conn.prepare_cached(sql).map_err(StoreError::unavailable)?;
     let rows = stmt
         .query_map(params, |row| row.get::<_, String>(0))
         .map_err(StoreError::unavailable)?;
-    rows.map(|body| decode(&body.map_err(StoreError::unavailable)?))
-        .collect()
+    rows.collect::<Result<_, _>>()
+        .map_err(StoreError::unavailable)
 }
 
-fn query_body<T: DeserializeOwned>(
+fn query_body(
     conn: &Connection,
     sql: &str,
     params: impl rusqlite::Params,
-) -> StoreResult<Option<T>> {
-    let body: Option<String> = conn
-        .prepare_cached(sql)
+) -> StoreResult<Option<String>> {
+    conn.prepare_cached(sql)
         .and_then(|mut stmt| stmt.query_row(params, |row| row.get(0)).optional())
-        .map_err(StoreError::unavailable)?;
-    body.map(|b| decode(&b)).transpose()
+        .map_err(StoreError::unavailable)
+}
+
+/// A version-checked delivery write, encoded before it reaches the writer thread.
+struct DeliveryWrite {
+    tenant: TenantId,
+    id: DeliveryId,
+    version: u64,
+    due_at: Option<i64>,
+    body: String,
+    expected_version: u64,
+}
+
+impl DeliveryWrite {
+    fn new(delivery: &Delivery, expected_version: u64) -> StoreResult<Self> {
+        Ok(Self {
+            tenant: delivery.tenant_id.clone(),
+            id: delivery.id.clone(),
+            version: delivery.version,
+            due_at: millis(delivery.due_at),
+            body: encode(delivery)?,
+            expected_version,
+        })
+    }
 }
 
 /// The version-checked write shared by `update_delivery` and `recover_after_restart`.
-fn write_delivery(
-    conn: &Connection,
-    delivery: &Delivery,
-    expected_version: u64,
-) -> StoreResult<()> {
-    let body = encode(delivery)?;
+fn write_delivery(conn: &Connection, w: &DeliveryWrite) -> StoreResult<()> {
     let changed = conn
         .prepare_cached(
             "UPDATE deliveries SET body = ?1, version = ?2, due_at = ?3
@@ -283,12 +675,12 @@ fn write_delivery(
         )
         .and_then(|mut stmt| {
             stmt.execute(params![
-                body,
-                delivery.version,
-                millis(delivery.due_at),
-                delivery.tenant_id.as_str(),
-                delivery.id.as_str(),
-                expected_version,
+                w.body,
+                w.version,
+                w.due_at,
+                w.tenant.as_str(),
+                w.id.as_str(),
+                w.expected_version,
             ])
         })
         .map_err(StoreError::unavailable)?;
@@ -297,9 +689,7 @@ fn write_delivery(
     }
     let exists = conn
         .prepare_cached("SELECT 1 FROM deliveries WHERE tenant_id = ?1 AND id = ?2")
-        .and_then(|mut stmt| {
-            stmt.exists(params![delivery.tenant_id.as_str(), delivery.id.as_str()])
-        })
+        .and_then(|mut stmt| stmt.exists(params![w.tenant.as_str(), w.id.as_str()]))
         .map_err(StoreError::unavailable)?;
     Err(if exists {
         StoreError::Conflict
@@ -308,20 +698,83 @@ fn write_delivery(
     })
 }
 
+/// The event and its deliveries, all or nothing (the caller's savepoint undoes a partial insert).
+fn insert_event(
+    conn: &Connection,
+    tenant: &TenantId,
+    event_id: EventId,
+    key: Option<&str>,
+    event_body: &str,
+    deliveries: &[(Delivery, String)],
+) -> StoreResult<InsertOutcome> {
+    if let Some(key) = key {
+        let seen: Option<String> = conn
+            .prepare_cached(
+                "SELECT event_id FROM idempotency_keys WHERE tenant_id = ?1 AND key = ?2",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(params![tenant.as_str(), key], |row| row.get(0))
+                    .optional()
+            })
+            .map_err(StoreError::unavailable)?;
+        if let Some(seen) = seen {
+            let id = EventId::parse(&seen).map_err(StoreError::unavailable)?;
+            return Ok(InsertOutcome::Existing(id));
+        }
+    }
+    let exists = conn
+        .prepare_cached("SELECT 1 FROM events WHERE tenant_id = ?1 AND id = ?2")
+        .and_then(|mut stmt| stmt.exists(params![tenant.as_str(), event_id.as_str()]))
+        .map_err(StoreError::unavailable)?;
+    if exists {
+        return Ok(InsertOutcome::Existing(event_id));
+    }
+    conn.prepare_cached("INSERT INTO events (tenant_id, id, body) VALUES (?1, ?2, ?3)")
+        .and_then(|mut stmt| stmt.execute(params![tenant.as_str(), event_id.as_str(), event_body]))
+        .map_err(StoreError::unavailable)?;
+    if let Some(key) = key {
+        conn.prepare_cached(
+            "INSERT INTO idempotency_keys (tenant_id, key, event_id) VALUES (?1, ?2, ?3)",
+        )
+        .and_then(|mut stmt| stmt.execute(params![tenant.as_str(), key, event_id.as_str()]))
+        .map_err(StoreError::unavailable)?;
+    }
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO deliveries (tenant_id, id, subscription_id, version, due_at, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .map_err(StoreError::unavailable)?;
+    for (d, body) in deliveries {
+        stmt.execute(params![
+            d.tenant_id.as_str(),
+            d.id.as_str(),
+            d.subscription_id.as_str(),
+            d.version,
+            millis(d.due_at),
+            body,
+        ])
+        .map_err(StoreError::unavailable)?;
+    }
+    Ok(InsertOutcome::Created)
+}
+
 impl Store for SqliteStore {
     async fn put_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
         let key = key.clone();
-        self.call(move |conn| {
-            conn.execute(
+        self.write(move |conn| {
+            conn.prepare_cached(
                 "INSERT INTO api_keys (key_hash, tenant_id, created_at) VALUES (?1, ?2, ?3)
                  ON CONFLICT (key_hash) DO UPDATE
                  SET tenant_id = excluded.tenant_id, created_at = excluded.created_at",
-                params![
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
                     key.key_hash,
                     key.tenant_id.as_str(),
                     key.created_at.unix_millis()
-                ],
-            )
+                ])
+            })
             .map_err(StoreError::unavailable)?;
             Ok(())
         })
@@ -330,31 +783,29 @@ impl Store for SqliteStore {
 
     async fn tenant_for_api_key(&self, key_hash: &str) -> StoreResult<Option<TenantId>> {
         let key_hash = key_hash.to_owned();
-        self.call(move |conn| {
-            let tenant: Option<String> = conn
-                .query_row(
-                    "SELECT tenant_id FROM api_keys WHERE key_hash = ?1",
-                    [&key_hash],
-                    |row| row.get(0),
-                )
-                .optional()
-                .map_err(StoreError::unavailable)?;
-            tenant
-                .map(|t| TenantId::parse(&t).map_err(StoreError::unavailable))
-                .transpose()
-        })
-        .await
+        let tenant: Option<String> = self
+            .read(move |conn| {
+                conn.prepare_cached("SELECT tenant_id FROM api_keys WHERE key_hash = ?1")
+                    .and_then(|mut stmt| stmt.query_row([&key_hash], |row| row.get(0)).optional())
+                    .map_err(StoreError::unavailable)
+            })
+            .await?;
+        tenant
+            .map(|t| TenantId::parse(&t).map_err(StoreError::unavailable))
+            .transpose()
     }
 
     async fn insert_subscription(&self, subscription: &Subscription) -> StoreResult<()> {
         let body = encode(subscription)?;
         let tenant = subscription.tenant_id.clone();
         let id = subscription.id.clone();
-        self.call(move |conn| {
-            match conn.execute(
-                "INSERT INTO subscriptions (tenant_id, id, body) VALUES (?1, ?2, ?3)",
-                params![tenant.as_str(), id.as_str(), body],
-            ) {
+        self.write(move |conn| {
+            match conn
+                .prepare_cached(
+                    "INSERT INTO subscriptions (tenant_id, id, body) VALUES (?1, ?2, ?3)",
+                )
+                .and_then(|mut stmt| stmt.execute(params![tenant.as_str(), id.as_str(), body]))
+            {
                 Ok(_) => Ok(()),
                 Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict),
                 Err(e) => Err(StoreError::unavailable(e)),
@@ -369,14 +820,16 @@ impl Store for SqliteStore {
         id: &SubscriptionId,
     ) -> StoreResult<Option<Subscription>> {
         let (tenant, id) = (tenant.clone(), id.clone());
-        self.call(move |conn| {
-            query_body(
-                conn,
-                "SELECT body FROM subscriptions WHERE tenant_id = ?1 AND id = ?2",
-                params![tenant.as_str(), id.as_str()],
-            )
-        })
-        .await
+        let body = self
+            .read(move |conn| {
+                query_body(
+                    conn,
+                    "SELECT body FROM subscriptions WHERE tenant_id = ?1 AND id = ?2",
+                    params![tenant.as_str(), id.as_str()],
+                )
+            })
+            .await?;
+        body.as_deref().map(decode).transpose()
     }
 
     async fn list_subscriptions(
@@ -388,28 +841,30 @@ impl Store for SqliteStore {
         let limit = page_limit(page);
         // Ids are never empty, so "after nothing" is "after ''".
         let after = page.after.clone().unwrap_or_default();
-        self.call(move |conn| {
-            let items: Vec<Subscription> = query_bodies(
-                conn,
-                "SELECT body FROM subscriptions WHERE tenant_id = ?1 AND id > ?2
-                 ORDER BY id LIMIT ?3",
-                params![tenant.as_str(), after, i64::from(limit) + 1],
-            )?;
-            Ok(into_page(items, limit, |s| s.id.as_str().to_owned()))
-        })
-        .await
+        let bodies = self
+            .read(move |conn| {
+                query_bodies(
+                    conn,
+                    "SELECT body FROM subscriptions WHERE tenant_id = ?1 AND id > ?2
+                     ORDER BY id LIMIT ?3",
+                    params![tenant.as_str(), after, i64::from(limit) + 1],
+                )
+            })
+            .await?;
+        let items: Vec<Subscription> = decode_all(&bodies)?;
+        Ok(into_page(items, limit, |s| s.id.as_str().to_owned()))
     }
 
     async fn update_subscription(&self, subscription: &Subscription) -> StoreResult<()> {
         let body = encode(subscription)?;
         let tenant = subscription.tenant_id.clone();
         let id = subscription.id.clone();
-        self.call(move |conn| {
+        self.write(move |conn| {
             let changed = conn
-                .execute(
+                .prepare_cached(
                     "UPDATE subscriptions SET body = ?3 WHERE tenant_id = ?1 AND id = ?2",
-                    params![tenant.as_str(), id.as_str(), body],
                 )
+                .and_then(|mut stmt| stmt.execute(params![tenant.as_str(), id.as_str(), body]))
                 .map_err(StoreError::unavailable)?;
             if changed == 0 {
                 return Err(StoreError::NotFound);
@@ -422,12 +877,10 @@ impl Store for SqliteStore {
     async fn delete_subscription(&self, tenant: &TenantId, id: &SubscriptionId) -> StoreResult<()> {
         let (tenant, id) = (tenant.clone(), id.clone());
         // Its deliveries stay: they are the log of what was sent.
-        self.call(move |conn| {
+        self.write(move |conn| {
             let changed = conn
-                .execute(
-                    "DELETE FROM subscriptions WHERE tenant_id = ?1 AND id = ?2",
-                    params![tenant.as_str(), id.as_str()],
-                )
+                .prepare_cached("DELETE FROM subscriptions WHERE tenant_id = ?1 AND id = ?2")
+                .and_then(|mut stmt| stmt.execute(params![tenant.as_str(), id.as_str()]))
                 .map_err(StoreError::unavailable)?;
             if changed == 0 {
                 return Err(StoreError::NotFound);
@@ -439,14 +892,16 @@ impl Store for SqliteStore {
 
     async fn tenant_subscriptions(&self, tenant: &TenantId) -> StoreResult<Vec<Subscription>> {
         let tenant = tenant.clone();
-        self.call(move |conn| {
-            query_bodies(
-                conn,
-                "SELECT body FROM subscriptions WHERE tenant_id = ?1 ORDER BY id",
-                [tenant.as_str()],
-            )
-        })
-        .await
+        let bodies = self
+            .read(move |conn| {
+                query_bodies(
+                    conn,
+                    "SELECT body FROM subscriptions WHERE tenant_id = ?1 ORDER BY id",
+                    [tenant.as_str()],
+                )
+            })
+            .await?;
+        decode_all(&bodies)
     }
 
     async fn insert_event(&self, new: &NewEvent) -> StoreResult<InsertOutcome> {
@@ -459,81 +914,31 @@ impl Store for SqliteStore {
             .iter()
             .map(|d| Ok((d.clone(), encode(d)?)))
             .collect::<StoreResult<Vec<_>>>()?;
-        self.call(move |conn| {
-            // IMMEDIATE takes the write lock up front, so the checks below and the inserts are
-            // one atomic step even with a second process on the file.
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(StoreError::unavailable)?;
-            if let Some(key) = &key {
-                let seen: Option<String> = tx
-                    .query_row(
-                        "SELECT event_id FROM idempotency_keys WHERE tenant_id = ?1 AND key = ?2",
-                        params![tenant.as_str(), key],
-                        |row| row.get(0),
-                    )
-                    .optional()
-                    .map_err(StoreError::unavailable)?;
-                if let Some(seen) = seen {
-                    let id = EventId::parse(&seen).map_err(StoreError::unavailable)?;
-                    return Ok(InsertOutcome::Existing(id));
-                }
-            }
-            let exists = tx
-                .prepare_cached("SELECT 1 FROM events WHERE tenant_id = ?1 AND id = ?2")
-                .and_then(|mut stmt| stmt.exists(params![tenant.as_str(), event_id.as_str()]))
-                .map_err(StoreError::unavailable)?;
-            if exists {
-                return Ok(InsertOutcome::Existing(event_id));
-            }
-            tx.execute(
-                "INSERT INTO events (tenant_id, id, body) VALUES (?1, ?2, ?3)",
-                params![tenant.as_str(), event_id.as_str(), event_body],
+        self.write(move |conn| {
+            insert_event(
+                conn,
+                &tenant,
+                event_id,
+                key.as_deref(),
+                &event_body,
+                &deliveries,
             )
-            .map_err(StoreError::unavailable)?;
-            if let Some(key) = &key {
-                tx.execute(
-                    "INSERT INTO idempotency_keys (tenant_id, key, event_id) VALUES (?1, ?2, ?3)",
-                    params![tenant.as_str(), key, event_id.as_str()],
-                )
-                .map_err(StoreError::unavailable)?;
-            }
-            {
-                let mut stmt = tx
-                    .prepare_cached(
-                        "INSERT INTO deliveries
-                             (tenant_id, id, subscription_id, version, due_at, body)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    )
-                    .map_err(StoreError::unavailable)?;
-                for (d, body) in &deliveries {
-                    stmt.execute(params![
-                        d.tenant_id.as_str(),
-                        d.id.as_str(),
-                        d.subscription_id.as_str(),
-                        d.version,
-                        millis(d.due_at),
-                        body,
-                    ])
-                    .map_err(StoreError::unavailable)?;
-                }
-            }
-            tx.commit().map_err(StoreError::unavailable)?;
-            Ok(InsertOutcome::Created)
         })
         .await
     }
 
     async fn get_event(&self, tenant: &TenantId, id: &EventId) -> StoreResult<Option<Event>> {
         let (tenant, id) = (tenant.clone(), id.clone());
-        self.call(move |conn| {
-            query_body(
-                conn,
-                "SELECT body FROM events WHERE tenant_id = ?1 AND id = ?2",
-                params![tenant.as_str(), id.as_str()],
-            )
-        })
-        .await
+        let body = self
+            .read(move |conn| {
+                query_body(
+                    conn,
+                    "SELECT body FROM events WHERE tenant_id = ?1 AND id = ?2",
+                    params![tenant.as_str(), id.as_str()],
+                )
+            })
+            .await?;
+        body.as_deref().map(decode).transpose()
     }
 
     async fn get_delivery(
@@ -542,20 +947,21 @@ impl Store for SqliteStore {
         id: &DeliveryId,
     ) -> StoreResult<Option<Delivery>> {
         let (tenant, id) = (tenant.clone(), id.clone());
-        self.call(move |conn| {
-            query_body(
-                conn,
-                "SELECT body FROM deliveries WHERE tenant_id = ?1 AND id = ?2",
-                params![tenant.as_str(), id.as_str()],
-            )
-        })
-        .await
+        let body = self
+            .read(move |conn| {
+                query_body(
+                    conn,
+                    "SELECT body FROM deliveries WHERE tenant_id = ?1 AND id = ?2",
+                    params![tenant.as_str(), id.as_str()],
+                )
+            })
+            .await?;
+        body.as_deref().map(decode).transpose()
     }
 
     async fn update_delivery(&self, delivery: &Delivery, expected_version: u64) -> StoreResult<()> {
-        let delivery = delivery.clone();
-        self.call(move |conn| write_delivery(conn, &delivery, expected_version))
-            .await
+        let write = DeliveryWrite::new(delivery, expected_version)?;
+        self.write(move |conn| write_delivery(conn, &write)).await
     }
 
     async fn list_deliveries(
@@ -567,44 +973,51 @@ impl Store for SqliteStore {
         let (tenant, subscription) = (tenant.clone(), subscription.clone());
         let limit = page_limit(page);
         let after = page.after.clone();
-        self.call(move |conn| {
-            let fetch = i64::from(limit) + 1;
-            let items: Vec<Delivery> = match &after {
-                None => query_bodies(
-                    conn,
-                    "SELECT body FROM deliveries WHERE tenant_id = ?1 AND subscription_id = ?2
-                     ORDER BY id DESC LIMIT ?3",
-                    params![tenant.as_str(), subscription.as_str(), fetch],
-                )?,
-                Some(after) => query_bodies(
-                    conn,
-                    "SELECT body FROM deliveries
-                     WHERE tenant_id = ?1 AND subscription_id = ?2 AND id < ?3
-                     ORDER BY id DESC LIMIT ?4",
-                    params![tenant.as_str(), subscription.as_str(), after, fetch],
-                )?,
-            };
-            Ok(into_page(items, limit, |d| d.id.as_str().to_owned()))
-        })
-        .await
+        let bodies = self
+            .read(move |conn| {
+                let fetch = i64::from(limit) + 1;
+                match &after {
+                    None => query_bodies(
+                        conn,
+                        "SELECT body FROM deliveries WHERE tenant_id = ?1 AND subscription_id = ?2
+                         ORDER BY id DESC LIMIT ?3",
+                        params![tenant.as_str(), subscription.as_str(), fetch],
+                    ),
+                    Some(after) => query_bodies(
+                        conn,
+                        "SELECT body FROM deliveries
+                         WHERE tenant_id = ?1 AND subscription_id = ?2 AND id < ?3
+                         ORDER BY id DESC LIMIT ?4",
+                        params![tenant.as_str(), subscription.as_str(), after, fetch],
+                    ),
+                }
+            })
+            .await?;
+        let items: Vec<Delivery> = decode_all(&bodies)?;
+        Ok(into_page(items, limit, |d| d.id.as_str().to_owned()))
     }
 
     async fn due_deliveries(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<DueDelivery>> {
-        self.call(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(DUE_QUERY)
-                .map_err(StoreError::unavailable)?;
-            let rows = stmt
-                .query_map(params![now.unix_millis(), i64::from(limit)], |row| {
-                    Ok((
-                        row.get::<_, String>(0)?,
-                        row.get::<_, String>(1)?,
-                        row.get::<_, i64>(2)?,
-                    ))
-                })
-                .map_err(StoreError::unavailable)?;
-            rows.map(|row| {
-                let (tenant, id, due_at) = row.map_err(StoreError::unavailable)?;
+        let rows = self
+            .read(move |conn| {
+                let mut stmt = conn
+                    .prepare_cached(DUE_QUERY)
+                    .map_err(StoreError::unavailable)?;
+                let rows = stmt
+                    .query_map(params![now.unix_millis(), i64::from(limit)], |row| {
+                        Ok((
+                            row.get::<_, String>(0)?,
+                            row.get::<_, String>(1)?,
+                            row.get::<_, i64>(2)?,
+                        ))
+                    })
+                    .map_err(StoreError::unavailable)?;
+                rows.collect::<Result<Vec<_>, _>>()
+                    .map_err(StoreError::unavailable)
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(tenant, id, due_at)| {
                 Ok(DueDelivery {
                     tenant_id: TenantId::parse(&tenant).map_err(StoreError::unavailable)?,
                     delivery_id: DeliveryId::parse(&id).map_err(StoreError::unavailable)?,
@@ -612,8 +1025,6 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
-        })
-        .await
     }
 }
 
@@ -633,6 +1044,61 @@ mod tests {
 
     async fn fresh_store() -> SqliteStore {
         SqliteStore::open_in_memory().expect("in-memory store")
+    }
+
+    impl SqliteStore {
+        /// Runs `f` on the writer's connection between batches (outside any transaction).
+        async fn on_writer<T, F>(&self, f: F) -> T
+        where
+            T: Send + 'static,
+            F: FnOnce(&Connection) -> T + Send + 'static,
+        {
+            let (tx, rx) = oneshot::channel();
+            self.send_to_writer(Box::new(move |conn| {
+                let _ = tx.send(f(conn));
+            }));
+            rx.await.expect("the writer answers")
+        }
+
+        /// Holds the writer thread until the returned gate is opened (sent to or dropped), so
+        /// writes queue up behind it.
+        fn hold_writer(&self) -> std::sync::mpsc::Sender<()> {
+            let (gate, wait) = std::sync::mpsc::channel::<()>();
+            self.send_to_writer(Box::new(move |_| {
+                let _ = wait.recv();
+            }));
+            gate
+        }
+
+        fn send_to_writer(&self, job: ReadJob) {
+            self.inner
+                .writer
+                .as_ref()
+                .unwrap()
+                .send(WriterMsg::Read(job))
+                .unwrap();
+        }
+
+        fn submitted(&self) -> u64 {
+            self.inner.stats.submitted.load(Ordering::Relaxed)
+        }
+
+        fn commits(&self) -> u64 {
+            self.inner.stats.commits.load(Ordering::Relaxed)
+        }
+
+        /// Waits until `n` writes in all were handed to the writer.
+        async fn until_submitted(&self, n: u64) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while self.submitted() < n {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "only {} of {n} writes were submitted",
+                    self.submitted()
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
     }
 
     #[tokio::test]
@@ -664,11 +1130,10 @@ mod tests {
             store.get_delivery(&a, &d.id).await.unwrap().as_ref(),
             Some(d)
         );
-        let version: i64 = {
-            let conn = store.conn.lock().unwrap();
-            conn.pragma_query_value(None, "user_version", |r| r.get(0))
-                .unwrap()
-        };
+        let version: i64 = store
+            .on_writer(|conn| conn.pragma_query_value(None, "user_version", |r| r.get(0)))
+            .await
+            .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
     }
 
@@ -676,15 +1141,16 @@ mod tests {
     async fn file_backed_store_uses_wal_and_full_sync() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("t.db")).unwrap();
-        let conn = store.conn.lock().unwrap();
-        let mode: String = conn
-            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+        let (mode, sync) = store
+            .on_writer(|conn| -> rusqlite::Result<(String, i64)> {
+                let mode: String = conn.pragma_query_value(None, "journal_mode", |r| r.get(0))?;
+                let sync: i64 = conn.pragma_query_value(None, "synchronous", |r| r.get(0))?;
+                Ok((mode, sync))
+            })
+            .await
             .unwrap();
         assert_eq!(mode, "wal");
         // 2 = FULL
-        let sync: i64 = conn
-            .pragma_query_value(None, "synchronous", |r| r.get(0))
-            .unwrap();
         assert_eq!(sync, 2);
     }
 
@@ -726,14 +1192,13 @@ mod tests {
     #[tokio::test]
     async fn due_query_reads_the_partial_index() {
         let store = fresh_store().await;
-        let conn = store.conn.lock().unwrap();
-        let mut stmt = conn
-            .prepare(&format!("EXPLAIN QUERY PLAN {DUE_QUERY}"))
-            .unwrap();
-        let plan: Vec<String> = stmt
-            .query_map(params![0, 10], |r| r.get::<_, String>(3))
-            .unwrap()
-            .collect::<Result<_, _>>()
+        let plan: Vec<String> = store
+            .on_writer(|conn| {
+                let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {DUE_QUERY}"))?;
+                stmt.query_map(params![0, 10], |r| r.get::<_, String>(3))?
+                    .collect::<rusqlite::Result<_>>()
+            })
+            .await
             .unwrap();
         assert!(
             plan.iter().any(|p| p.contains("deliveries_due")),
@@ -800,5 +1265,263 @@ mod tests {
         assert_eq!(store.get_delivery(&a, &done.id).await.unwrap(), Some(done));
         // Nothing left to release.
         assert_eq!(store.recover_after_restart(now).await.unwrap(), 0);
+    }
+
+    /// What one of the concurrent writes below was and what it got back.
+    enum Answer {
+        Fresh(EventId, StoreResult<InsertOutcome>),
+        SameKey(EventId, StoreResult<InsertOutcome>),
+        Subscription(StoreResult<()>),
+        Delivery(StoreResult<()>),
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writes_get_their_own_answers_and_share_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        let a = tenant("a");
+        let sub = subscription(&a, ts(1_000));
+        store.insert_subscription(&sub).await.unwrap();
+        let first = new_event(&a, &[&sub], ts(2_000), "{}");
+        store.insert_event(&first).await.unwrap();
+        let contested = first.deliveries[0].clone();
+        let mut leased = contested
+            .leased(ts(3_000), "w".into(), Duration::from_secs(60))
+            .unwrap();
+        leased.version = contested.version + 1;
+        let twin = subscription(&a, ts(4_000));
+
+        let gate = store.hold_writer();
+        let before = (store.submitted(), store.commits());
+        let mut tasks = Vec::new();
+        for i in 0..200_i64 {
+            let store = store.clone();
+            let (a, sub, twin, leased) = (a.clone(), sub.clone(), twin.clone(), leased.clone());
+            let contested_version = contested.version;
+            tasks.push(tokio::spawn(async move {
+                match i % 5 {
+                    // 80 events with no key: each is new.
+                    0 | 1 => {
+                        let new = new_event(&a, &[&sub], ts(10_000 + i), "{}");
+                        Answer::Fresh(new.event.id.clone(), store.insert_event(&new).await)
+                    }
+                    // 40 events sharing one idempotency key: one wins, the rest see it.
+                    2 => {
+                        let mut new = new_event(&a, &[&sub], ts(10_000 + i), "{}");
+                        new.idempotency_key = Some("same".into());
+                        Answer::SameKey(new.event.id.clone(), store.insert_event(&new).await)
+                    }
+                    // 40 inserts of one subscription id: one wins, the rest conflict.
+                    3 => Answer::Subscription(store.insert_subscription(&twin).await),
+                    // 40 leases of one delivery at the same version: one wins, the rest conflict.
+                    _ => Answer::Delivery(store.update_delivery(&leased, contested_version).await),
+                }
+            }));
+        }
+        store.until_submitted(before.0 + 200).await;
+        drop(gate);
+        let mut answers = Vec::new();
+        for task in tasks {
+            answers.push(task.await.unwrap());
+        }
+        assert_eq!(
+            store.commits() - before.1,
+            1,
+            "the 200 queued writes share one commit"
+        );
+
+        let (mut fresh, mut key_winners, mut key_losers) = (0, Vec::new(), Vec::new());
+        let (mut sub_ok, mut sub_conflict, mut lease_ok, mut lease_conflict) = (0, 0, 0, 0);
+        for answer in &answers {
+            match answer {
+                Answer::Fresh(id, outcome) => {
+                    assert_eq!(outcome.as_ref().unwrap(), &InsertOutcome::Created);
+                    assert!(store.get_event(&a, id).await.unwrap().is_some());
+                    fresh += 1;
+                }
+                Answer::SameKey(id, Ok(InsertOutcome::Created)) => key_winners.push(id.clone()),
+                Answer::SameKey(id, Ok(InsertOutcome::Existing(seen))) => {
+                    key_losers.push((id.clone(), seen.clone()));
+                }
+                Answer::Subscription(Ok(())) | Answer::Delivery(Ok(())) => {
+                    if matches!(answer, Answer::Subscription(_)) {
+                        sub_ok += 1;
+                    } else {
+                        lease_ok += 1;
+                    }
+                }
+                Answer::Subscription(Err(StoreError::Conflict)) => sub_conflict += 1,
+                Answer::Delivery(Err(StoreError::Conflict)) => lease_conflict += 1,
+                Answer::SameKey(_, Err(e))
+                | Answer::Subscription(Err(e))
+                | Answer::Delivery(Err(e)) => panic!("unexpected error: {e}"),
+            }
+        }
+        assert_eq!(fresh, 80);
+        assert_eq!((sub_ok, sub_conflict), (1, 39));
+        assert_eq!((lease_ok, lease_conflict), (1, 39));
+        let [winner] = key_winners.as_slice() else {
+            panic!("exactly one event wins the key: {key_winners:?}");
+        };
+        assert_eq!(key_losers.len(), 39);
+        for (id, seen) in &key_losers {
+            assert_eq!(seen, winner);
+            // Nothing of a repeated publish is written.
+            assert_eq!(store.get_event(&a, id).await.unwrap(), None);
+        }
+        assert!(store.get_event(&a, winner).await.unwrap().is_some());
+        assert_eq!(
+            store.get_subscription(&a, &twin.id).await.unwrap(),
+            Some(twin)
+        );
+        assert_eq!(
+            store.get_delivery(&a, &contested.id).await.unwrap(),
+            Some(leased)
+        );
+        // 1 + 80 + 1 events, each with one delivery; all visible to a new connection.
+        drop(store);
+        let again = SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        let count: i64 = again
+            .on_writer(|conn| conn.query_row("SELECT count(*) FROM deliveries", [], |r| r.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(count, 82);
+    }
+
+    #[tokio::test]
+    async fn a_failing_write_rolls_back_only_its_own_changes() {
+        let store = fresh_store().await;
+        let a = tenant("a");
+        let sub = subscription(&a, ts(1_000));
+        store.insert_subscription(&sub).await.unwrap();
+        let before_ok = new_event(&a, &[&sub], ts(2_000), "{}");
+        let after_ok = new_event(&a, &[&sub], ts(2_001), "{}");
+        // Its second delivery clashes with its first, after the event row is written.
+        let mut broken = new_event(&a, &[&sub, &sub], ts(2_002), "{}");
+        broken.deliveries[1].id = broken.deliveries[0].id.clone();
+        broken.idempotency_key = Some("k".into());
+
+        let gate = store.hold_writer();
+        let commits = store.commits();
+        let (s1, s2, s3) = (store.clone(), store.clone(), store.clone());
+        let (e1, e2, e3) = (before_ok.clone(), broken.clone(), after_ok.clone());
+        let first = tokio::spawn(async move { s1.insert_event(&e1).await });
+        store.until_submitted(store.submitted() + 1).await;
+        let middle = tokio::spawn(async move { s2.insert_event(&e2).await });
+        store.until_submitted(store.submitted() + 1).await;
+        let last = tokio::spawn(async move { s3.insert_event(&e3).await });
+        store.until_submitted(store.submitted() + 1).await;
+        drop(gate);
+
+        assert_eq!(first.await.unwrap().unwrap(), InsertOutcome::Created);
+        assert!(matches!(
+            middle.await.unwrap(),
+            Err(StoreError::Unavailable(_))
+        ));
+        assert_eq!(last.await.unwrap().unwrap(), InsertOutcome::Created);
+        assert_eq!(store.commits() - commits, 1);
+
+        assert!(
+            store
+                .get_event(&a, &before_ok.event.id)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            store
+                .get_event(&a, &after_ok.event.id)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        // Neither the event row nor its key nor its first delivery survived.
+        assert_eq!(store.get_event(&a, &broken.event.id).await.unwrap(), None);
+        assert_eq!(
+            store
+                .get_delivery(&a, &broken.deliveries[0].id)
+                .await
+                .unwrap(),
+            None
+        );
+        let mut retry = new_event(&a, &[&sub], ts(2_003), "{}");
+        retry.idempotency_key = Some("k".into());
+        assert_eq!(
+            store.insert_event(&retry).await.unwrap(),
+            InsertOutcome::Created
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_commit_takes_at_most_max_batch_writes() {
+        let store = fresh_store().await;
+        let gate = store.hold_writer();
+        let (submitted, commits) = (store.submitted(), store.commits());
+        let writes = MAX_BATCH as u64 + 10;
+        let tasks: Vec<_> = (0..writes)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let key = ApiKeyRecord {
+                        key_hash: format!("h{i}"),
+                        tenant_id: tenant("a"),
+                        created_at: ts(1),
+                    };
+                    store.put_api_key(&key).await
+                })
+            })
+            .collect();
+        store.until_submitted(submitted + writes).await;
+        drop(gate);
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        assert_eq!(store.commits() - commits, 2);
+        assert_eq!(
+            store.tenant_for_api_key("h0").await.unwrap(),
+            Some(tenant("a"))
+        );
+    }
+
+    #[tokio::test]
+    async fn the_checkpointer_copies_the_wal_into_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let a = tenant("a");
+        let sub = subscription(&a, ts(1_000));
+        store.insert_subscription(&sub).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while store.inner.stats.checkpoints.load(Ordering::Relaxed) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "no checkpoint ran");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let pages: u32 = store
+            .on_writer(|conn| conn.pragma_query_value(None, "wal_autocheckpoint", |r| r.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(pages, WRITER_AUTOCHECKPOINT_PAGES);
+
+        // The checkpointer's connection closes last and, being read-write, removes the WAL.
+        drop(store);
+        assert!(!dir.path().join("t.db-wal").exists());
+        let again = SqliteStore::open(&path).unwrap();
+        assert_eq!(
+            again.get_subscription(&a, &sub.id).await.unwrap(),
+            Some(sub)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_reader_connection_cannot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        let attempt = store
+            .read(|conn| {
+                conn.execute("DELETE FROM api_keys", [])
+                    .map_err(StoreError::unavailable)
+            })
+            .await;
+        assert!(matches!(attempt, Err(StoreError::Unavailable(_))));
     }
 }
