@@ -193,11 +193,19 @@ async fn the_stand_in_plays_lambda_api_gateway_sqs_and_the_schedule() {
     );
 
     // ---- the functions' environment ----
-    let log = read_log(&log_path);
-    let start = log
-        .iter()
-        .find(|l| l["kind"] == "start" && l["fn"] == DELIVER)
-        .expect("deliver started");
+    // The processes start concurrently; under load deliver's first line can come late.
+    let started_by = Instant::now() + Duration::from_secs(20);
+    let start = loop {
+        let log = read_log(&log_path);
+        if let Some(line) = log
+            .into_iter()
+            .find(|l| l["kind"] == "start" && l["fn"] == DELIVER)
+        {
+            break line;
+        }
+        assert!(Instant::now() < started_by, "deliver started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let env = &start["value"];
     assert_eq!(env["TIDINGS_TABLE"], info.table_name.as_str());
     assert_eq!(
