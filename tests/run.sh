@@ -41,3 +41,47 @@ unset AWS_PROFILE AWS_SESSION_TOKEN AWS_ENDPOINT_URL_DYNAMODB AWS_ENDPOINT_URL_S
 
 echo "==> running every test"
 cargo test --workspace --all-features --locked --no-fail-fast
+
+# ==== Deployment checks (issue 4; docs/deploy.md) ============================================
+# After the tests: the SAM template must pass cfn-lint and `sam validate --lint`, the three Lambda
+# functions must build for arm64 with cargo-lambda, and the documented operator and integrator
+# commands (API key, SQS publish, Python receiver) must work against the emulator started above.
+# Each step fails the script (set -e); the durations are printed at the end.
+infra_started=$(date +%s)
+infra_times=()
+timed() { # timed LABEL COMMAND...: runs COMMAND, records how long it took
+    local label=$1 started
+    shift
+    echo "==> $label"
+    started=$(date +%s)
+    "$@"
+    infra_times+=("$(printf '%5ss  %s' $(($(date +%s) - started)) "$label")")
+}
+
+# sam build needs sam and cargo-lambda in one environment; cargo-lambda finds zig through the
+# first python3 on PATH. Installed with moto in one resolution, so none of them breaks another.
+deploy_tools=('cfn-lint==1.*' 'aws-sam-cli==1.*' 'cargo-lambda==1.9.*' 'ziglang==0.17.*' 'awscli==1.*' 'standardwebhooks==1.*')
+timed "installing the deployment tools into $venv" \
+    "$venv/bin/python" -m uv pip install --quiet --python "$venv/bin/python" "$moto_spec" "${deploy_tools[@]}"
+export PATH="$PWD/$venv/bin:$PATH" SAM_CLI_TELEMETRY=0
+
+timed "cfn-lint infra/template.yaml" cfn-lint infra/template.yaml
+timed "sam validate --lint" sam validate --lint --template infra/template.yaml
+
+# The aarch64 standard library comes from rustup (cargo-lambda would add it itself; here it is
+# explicit, so a missing target fails with rustup's own message).
+timed "rustup target add aarch64-unknown-linux-gnu" rustup target add aarch64-unknown-linux-gnu
+# -p, not --bin: selecting the three packages keeps other members' features (SQLite) out.
+timed "cargo lambda build --release --arm64 (api, deliver, sweep)" \
+    cargo lambda build --release --arm64 --locked -p tidings-api -p tidings-deliver -p tidings-sweep
+for bin in tidings-api tidings-deliver tidings-sweep; do
+    bootstrap="target/lambda/$bin/bootstrap"
+    file "$bootstrap" | grep -q 'ARM aarch64' || { echo "$bootstrap is not an arm64 binary" >&2; exit 1; }
+    printf '    %-16s %s bytes (arm64, release profile)\n' "$bin" "$(stat -c %s "$bootstrap")"
+done
+
+timed "the documented commands against the emulator (infra/check_docs.py)" \
+    "$venv/bin/python" infra/check_docs.py
+
+echo "==> deployment checks: $(($(date +%s) - infra_started))s"
+printf '%s\n' "${infra_times[@]}"
