@@ -3,23 +3,16 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tidings_core::domain::{Secret, Timestamp};
-use tidings_core::signing;
+use tidings_core::domain::Secret;
 use tidings_tests::{Reply, TestReceiver, TestServer};
 
 const WAIT: Duration = Duration::from_secs(15);
 
-fn verify(secret: &str, r: &tidings_tests::Received) -> Result<(), signing::VerifyError> {
-    let secret = Secret::parse(secret).unwrap();
-    signing::verify(
-        secret.key(),
-        r.header("webhook-id"),
-        r.header("webhook-timestamp"),
-        r.header("webhook-signature"),
-        &r.body,
-        Timestamp::now().unix_seconds(),
-        signing::DEFAULT_TOLERANCE_SECS,
-    )
+fn verify(
+    secret: &str,
+    r: &tidings_tests::Received,
+) -> Result<(), tidings_core::signing::VerifyError> {
+    r.verify(secret)
 }
 
 async fn only_delivery(api: &tidings_tests::ApiClient, sub: &Value) -> String {

@@ -39,6 +39,21 @@ impl Received {
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).expect("delivered body is JSON")
     }
+
+    /// Checks the Standard Webhooks signature as a consumer would, with the subscription's secret.
+    pub fn verify(&self, secret: &str) -> Result<(), tidings_core::signing::VerifyError> {
+        use tidings_core::signing;
+        let secret = tidings_core::domain::Secret::parse(secret).expect("a whsec_ secret");
+        signing::verify(
+            secret.key(),
+            self.header("webhook-id"),
+            self.header("webhook-timestamp"),
+            self.header("webhook-signature"),
+            &self.body,
+            tidings_core::domain::Timestamp::now().unix_seconds(),
+            signing::DEFAULT_TOLERANCE_SECS,
+        )
+    }
 }
 
 /// What the receiver answers with, in order; after the script runs out, `default`.
