@@ -25,14 +25,8 @@ target_dir=${CARGO_TARGET_DIR:-target}
 # called `lambda`: `cargo lambda build` writes target/lambda/<function>/bootstrap).
 bin_dir=$target_dir/lambda-size
 
-venv=.venv
-moto_spec='moto[server]>=5.2,<5.3'
-if ! "$venv/bin/python" -c 'import moto.server' 2>/dev/null; then
-    echo "==> installing the AWS emulator ($moto_spec) into $venv" >&2
-    python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check uv
-    "$venv/bin/python" -m uv pip install --quiet --python "$venv/bin/python" "$moto_spec"
-fi
+source tests/emulator.sh
+install_emulator
 
 echo "==> building the functions with the lambda profile, and the stand-in" >&2
 cargo build --locked --profile lambda-size -p tidings-api -p tidings-deliver -p tidings-sweep >&2
@@ -66,30 +60,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-echo "==> starting the AWS emulator on 127.0.0.1" >&2
-port=$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$venv/bin/moto_server" -H 127.0.0.1 -p "$port" > "$work/moto.log" 2>&1 &
-moto_pid=$!
-if ! "$venv/bin/python" - "$port" <<'PY'
-import sys, time, urllib.request
-url = f"http://127.0.0.1:{sys.argv[1]}/moto-api/"
-for _ in range(200):
-    try:
-        urllib.request.urlopen(url, timeout=1)
-        sys.exit(0)
-    except Exception:
-        time.sleep(0.1)
-sys.exit(1)
-PY
-then
-    echo "the AWS emulator did not start:" >&2
-    tail -20 "$work/moto.log" >&2
-    exit 1
-fi
-export AWS_ENDPOINT_URL="http://127.0.0.1:$port"
-export AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
-export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test
-unset AWS_PROFILE AWS_SESSION_TOKEN AWS_ENDPOINT_URL_DYNAMODB AWS_ENDPOINT_URL_SQS
+start_emulator "$work/moto.log"
 
 echo "==> starting tidings-aws-local (one environment per function)" >&2
 "$target_dir/debug/tidings-aws-local" --listen 127.0.0.1:0 --bin-dir "$bin_dir" \
