@@ -136,6 +136,14 @@ fn verify(secret: &str, r: &tidings_tests::Received) {
     r.verify(secret).expect("valid signature");
 }
 
+/// Waits until the subscription's first delivery succeeded, and returns it.
+async fn first_delivery_succeeded(api: &ApiClient, sub: &Value) -> Value {
+    let list = deliveries_of(api, sub).await;
+    let id = list[0]["deliveryId"].as_str().unwrap();
+    api.wait_delivery(id, WAIT, |d| d["status"] == "succeeded")
+        .await
+}
+
 async fn deliveries_of(api: &ApiClient, sub: &Value) -> Vec<Value> {
     api.deliveries(sub["subscriptionId"].as_str().unwrap())
         .await
@@ -161,13 +169,7 @@ async fn api_subscribe_and_publish_deliver_a_signed_webhook() {
         )
     );
     verify(sub["secret"].as_str().unwrap(), &got[0]);
-    let list = deliveries_of(&aws.api, &sub).await;
-    let d = aws
-        .api
-        .wait_delivery(list[0]["deliveryId"].as_str().unwrap(), WAIT, |d| {
-            d["status"] == "succeeded"
-        })
-        .await;
+    let d = first_delivery_succeeded(&aws.api, &sub).await;
     assert_eq!(d["attempts"].as_array().unwrap().len(), 1);
     // Validation errors come back through API Gateway as problem+json too.
     let bad = aws
@@ -227,13 +229,7 @@ async fn a_failing_receiver_is_retried_and_every_attempt_logged() {
     let sub = aws.api.subscribe(&receiver.url("/flaky"), &["*"]).await;
     aws.api.publish("a.b", json!({})).await;
     receiver.wait_for("/flaky", 3, WAIT).await;
-    let list = deliveries_of(&aws.api, &sub).await;
-    let d = aws
-        .api
-        .wait_delivery(list[0]["deliveryId"].as_str().unwrap(), WAIT, |d| {
-            d["status"] == "succeeded"
-        })
-        .await;
+    let d = first_delivery_succeeded(&aws.api, &sub).await;
     let codes: Vec<_> = d["attempts"]
         .as_array()
         .unwrap()
