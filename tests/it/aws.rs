@@ -11,6 +11,8 @@ use tidings_core::app::{App, AppConfig, PublishRequest};
 use tidings_core::aws::dynamo::DynamoStore;
 use tidings_core::domain::{EventType, TenantId};
 use tidings_core::ports::{DeliveryJob, DeliveryQueue, QueueError, SystemClock};
+use tidings_tests::aws_local::meter::{EVENT_SOURCE_MAPPING, Usage, service_total};
+use tidings_tests::aws_local::{API, DELIVER, SWEEP};
 use tidings_tests::{ApiClient, Reply, TestReceiver, binary_path, eventually};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -44,6 +46,10 @@ fn endpoint() -> String {
 
 impl AwsLocal {
     async fn start() -> Self {
+        Self::start_with(&["--sweep-interval", "1s"]).await
+    }
+
+    async fn start_with(args: &[&str]) -> Self {
         use tokio::io::AsyncBufReadExt as _;
         tidings_tests::init_tracing();
         let endpoint = endpoint();
@@ -51,8 +57,9 @@ impl AwsLocal {
         let mut child = tokio::process::Command::new(binary_path("tidings-aws-local"))
             .args(["--listen", "127.0.0.1:0", "--bin-dir"])
             .arg(&bin_dir)
-            .args(["--sweep-interval", "1s", "--visibility-timeout", "5s"])
+            .args(["--visibility-timeout", "5s"])
             .args(["--max-receive-count", "2", "--function-timeout", "5s"])
+            .args(args)
             .env("AWS_ENDPOINT_URL", &endpoint)
             .env("TIDINGS_RETRY_SCHEDULE", "0s,1s,1s")
             .env("TIDINGS_ALLOW_CALLBACK_CIDRS", "127.0.0.0/8")
@@ -432,4 +439,210 @@ async fn killing_deliver_mid_batch_loses_nothing() {
             .any(|f| f["restarts"].as_u64().unwrap_or(0) > 0),
         "the killed process was replaced: {restarted:#}"
     );
+}
+
+/// Per-delivery prices used in the cost report (us-east-1 on-demand, per million).
+const DOLLARS_PER_MILLION_WRU: f64 = 0.625;
+const DOLLARS_PER_MILLION_RRU: f64 = 0.125;
+const DOLLARS_PER_MILLION_SQS_REQUESTS: f64 = 0.40;
+
+impl AwsLocal {
+    async fn meter(&self) -> Usage {
+        let r = self.api.get("/_aws_local/meter").await;
+        assert_eq!(r.status, 200);
+        serde_json::from_value(r.body).expect("the meter's JSON")
+    }
+
+    /// Resets the meter, runs `publish`, and returns the meter's counts once the event source
+    /// mapping deleted every message: the `producer_messages` sent straight to the events queue
+    /// plus every job message the functions sent.
+    async fn measure(&self, producer_messages: u64, publish: impl AsyncFnOnce()) -> Usage {
+        let reset = self.api.post("/_aws_local/meter/reset", &json!({})).await;
+        assert_eq!(reset.status, 204);
+        publish().await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let usage = self.meter().await;
+            let sent: u64 = [API, DELIVER, SWEEP]
+                .iter()
+                .filter_map(|caller| usage.get(*caller))
+                .flat_map(|ops| ops.iter())
+                .filter(|(op, _)| op.starts_with("sqs.SendMessage"))
+                .map(|(_, u)| u.messages)
+                .sum();
+            let deleted = usage
+                .get(EVENT_SOURCE_MAPPING)
+                .and_then(|ops| ops.get("sqs.DeleteMessageBatch"))
+                .map_or(0, |u| u.messages);
+            if sent > 0 && deleted >= sent + producer_messages {
+                return usage;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "messages were not all processed within {WAIT:?}: {usage:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// What `n` deliveries cost, per delivery: the functions' DynamoDB calls and units, and the SQS
+/// requests of the functions and the event source mapping (its empty long polls are a cost of
+/// time, not of deliveries, and are reported apart).
+fn cost_figures(usage: &Usage, n: usize) -> Value {
+    let functions = [API, DELIVER, SWEEP];
+    let per = |x: f64| (x / n as f64 * 100.0).round() / 100.0;
+    let dynamo = service_total(usage, "dynamodb", &functions);
+    let sqs = service_total(usage, "sqs", &functions);
+    let mapping = service_total(usage, "sqs", &[EVENT_SOURCE_MAPPING]);
+    let mapping_requests = mapping.calls - mapping.empty_receives;
+    // Each receive that returned messages is one batch: one invocation of `deliver`.
+    let batches = usage
+        .get(EVENT_SOURCE_MAPPING)
+        .and_then(|ops| ops.get("sqs.ReceiveMessage"))
+        .map_or(0, |u| u.calls - u.empty_receives);
+    let mut by_operation = serde_json::Map::new();
+    for caller in functions {
+        for (op, u) in usage.get(caller).into_iter().flatten() {
+            by_operation.insert(format!("{caller} {op}"), json!(per(u.calls as f64)));
+        }
+    }
+    let wru = dynamo.write_units + dynamo.index_write_units;
+    let sqs_requests = (sqs.calls + mapping_requests) as f64;
+    json!({
+        "deliveries": n,
+        "dynamodb": {
+            "calls": per(dynamo.calls as f64),
+            "writeUnits": per(dynamo.write_units),
+            "indexWriteUnits": per(dynamo.index_write_units),
+            "readUnits": per(dynamo.read_units),
+            "failedConditions": dynamo.errors,
+        },
+        "sqs": {
+            "functionRequests": per(sqs.calls as f64),
+            "eventSourceMappingRequests": per(mapping_requests as f64),
+            "emptyReceives": mapping.empty_receives,
+        },
+        "deliverInvocations": per(batches as f64),
+        "callsByOperation": by_operation,
+        "dollarsPerMillion": {
+            "dynamodb": per(wru * DOLLARS_PER_MILLION_WRU + dynamo.read_units * DOLLARS_PER_MILLION_RRU),
+            "sqs": per(sqs_requests * DOLLARS_PER_MILLION_SQS_REQUESTS),
+        },
+    })
+}
+
+/// The cost of a delivery on AWS, measured on the wire: the real functions run under the
+/// stand-in, whose meter counts every DynamoDB and SQS request and the capacity units DynamoDB
+/// would bill (docs/cost.md turns them into dollars). Three stretches of `N` deliveries each:
+/// first-attempt successes published through the API, deliveries retried once (503, then 200),
+/// and events sent straight to the events queue. Prints the figures as one JSON line (and writes
+/// them to `$TIDINGS_COST_REPORT` when set) and holds them to the budget docs/cost.md states.
+#[tokio::test]
+async fn the_cost_of_a_delivery_is_measured_on_the_wire() {
+    const N: usize = 20;
+    let aws = AwsLocal::start_with(&["--sweep-interval", "0s"]).await;
+    let ok = TestReceiver::start().await;
+    let flaky = TestReceiver::start().await;
+    flaky.fail_first_attempts(Reply::status(503));
+    let ok_sub = aws.api.subscribe(&ok.url("/ok"), &["cost.ok"]).await;
+    let flaky_sub = aws
+        .api
+        .subscribe(&flaky.url("/flaky"), &["cost.retry"])
+        .await;
+
+    let first = aws
+        .measure(0, async || {
+            for i in 0..N {
+                aws.api.publish("cost.ok", json!({ "n": i })).await;
+            }
+        })
+        .await;
+    assert_eq!(ok.received_on("/ok").len(), N, "one request per event");
+
+    let retried = aws
+        .measure(0, async || {
+            for i in 0..N {
+                aws.api.publish("cost.retry", json!({ "n": i })).await;
+            }
+        })
+        .await;
+    assert_eq!(
+        flaky.received_on("/flaky").len(),
+        2 * N,
+        "two attempts per event"
+    );
+
+    let attr = |v: &str| {
+        aws_sdk_sqs::types::MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value(v)
+            .build()
+            .unwrap()
+    };
+    let queued = aws
+        .measure(N as u64, async || {
+            let entries: Vec<_> = (0..N)
+                .map(|i| {
+                    aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .message_body(json!({"eventType": "cost.ok", "data": {"n": i}}).to_string())
+                        .message_attributes("tenant", attr("t1"))
+                        .build()
+                        .unwrap()
+                })
+                .collect();
+            for chunk in entries.chunks(10) {
+                aws.sqs
+                    .send_message_batch()
+                    .queue_url(aws.url("eventsQueueUrl"))
+                    .set_entries(Some(chunk.to_vec()))
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+    assert_eq!(
+        ok.received_on("/ok").len(),
+        2 * N,
+        "the queued events arrived too"
+    );
+
+    // What a user checks afterwards: every delivery succeeded, with the expected attempts.
+    for (sub, attempts) in [(&ok_sub, 1), (&flaky_sub, 2)] {
+        let list = deliveries_of(&aws.api, sub).await;
+        assert!(list.len() >= N);
+        for d in list {
+            assert_eq!(d["status"], "succeeded", "{d:#}");
+            let one = aws
+                .api
+                .get(&format!(
+                    "/deliveries/{}",
+                    d["deliveryId"].as_str().unwrap()
+                ))
+                .await;
+            assert_eq!(
+                one.body["attempts"].as_array().unwrap().len(),
+                attempts,
+                "{:#}",
+                one.body
+            );
+        }
+    }
+
+    let report = json!({
+        "firstAttempt": cost_figures(&first, N),
+        "retriedOnce": cost_figures(&retried, N),
+        "viaEventsQueue": cost_figures(&queued, N),
+    });
+    println!("{report}");
+    if let Some(path) = std::env::var_os("TIDINGS_COST_REPORT") {
+        std::fs::write(&path, format!("{report:#}\n")).expect("write $TIDINGS_COST_REPORT");
+    }
+
+    // Every delivery was enqueued once per attempt, never more.
+    let sent = |usage: &Usage| service_total(usage, "sqs", &[API, DELIVER, SWEEP]).messages;
+    assert_eq!(sent(&first), N as u64);
+    assert_eq!(sent(&retried), 2 * N as u64);
 }

@@ -4,7 +4,7 @@
 
 pub mod aws_local;
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -91,6 +91,8 @@ struct ReceiverState {
     received: Vec<Received>,
     script: VecDeque<Reply>,
     default: Option<Reply>,
+    first_attempt: Option<Reply>,
+    seen_ids: HashSet<String>,
 }
 
 /// A real HTTP receiver on 127.0.0.1 that records every request.
@@ -135,6 +137,12 @@ impl TestReceiver {
         self.state.lock().unwrap().default = Some(reply);
     }
 
+    /// Answers the first request of each message (by `webhook-id`) with `reply`, however the
+    /// attempts of different messages interleave; later attempts get the script or the default.
+    pub fn fail_first_attempts(&self, reply: Reply) {
+        self.state.lock().unwrap().first_attempt = Some(reply);
+    }
+
     pub fn received(&self) -> Vec<Received> {
         self.state.lock().unwrap().received.clone()
     }
@@ -172,14 +180,22 @@ async fn record(
 ) -> Response {
     let reply = {
         let mut s = state.lock().unwrap();
+        let webhook_id = headers
+            .get("webhook-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
         s.received.push(Received {
             path: uri.path().to_owned(),
             headers,
             body,
             at: Instant::now(),
         });
-        s.script
-            .pop_front()
+        let first = s.seen_ids.insert(webhook_id);
+        s.first_attempt
+            .clone()
+            .filter(|_| first)
+            .or_else(|| s.script.pop_front())
             .or_else(|| s.default.clone())
             .unwrap_or_else(|| Reply::status(200))
     };

@@ -12,6 +12,7 @@
 //! See `docs/aws-local.md`.
 
 pub mod apigw;
+pub mod meter;
 pub mod resources;
 pub mod runtime;
 pub mod schedule;
@@ -36,6 +37,7 @@ use tidings_core::ports::SystemClock;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
+use self::meter::Meter;
 use self::resources::Resources;
 use self::runtime::{Function, FunctionSpec, InstanceStats};
 use self::schedule::Schedule;
@@ -227,6 +229,15 @@ pub fn function_env(
     env.into_iter().collect()
 }
 
+/// `env` with `AWS_ENDPOINT_URL` set to `endpoint` (the caller's meter listener).
+fn with_endpoint(env: &[(String, String)], endpoint: &str) -> Vec<(String, String)> {
+    env.iter()
+        .filter(|(k, _)| k != "AWS_ENDPOINT_URL")
+        .cloned()
+        .chain([("AWS_ENDPOINT_URL".to_owned(), endpoint.to_owned())])
+        .collect()
+}
+
 /// The JSON line printed at start (and served at `GET /_aws_local`).
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -312,19 +323,27 @@ impl AwsLocal {
         }
 
         let (shutdown, stop) = watch::channel(false);
+        let mut tasks = Vec::new();
+        // Every caller reaches the emulator through the meter, on a listener of its own.
+        let meter = Meter::new(&endpoint);
+        let mut endpoints = BTreeMap::new();
+        for caller in [API, DELIVER, SWEEP, meter::EVENT_SOURCE_MAPPING] {
+            let (url, task) = meter.listen(caller, stop.clone()).await?;
+            endpoints.insert(caller, url);
+            tasks.push(task);
+        }
         let own = std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
         let env = function_env(own, &config.env, &resources, &region);
         let spec = |name: &str, binary: PathBuf, instances: u32| FunctionSpec {
             name: name.to_owned(),
             binary,
-            env: env.clone(),
+            env: with_endpoint(&env, &endpoints[name]),
             timeout: config.function_timeout,
             memory_mb: config.memory_size,
             instances: instances as usize,
             arn: format!("arn:aws:lambda:{region}:{account_id}:function:{name}"),
         };
-        let mut tasks = Vec::new();
         let (api, t) = Function::start(spec(API, api_bin, config.api_instances), &stop);
         tasks.extend(t);
         let (deliver, t) =
@@ -333,12 +352,17 @@ impl AwsLocal {
         let (sweep, t) = Function::start(spec(SWEEP, sweep_bin, 1), &stop);
         tasks.extend(t);
 
+        let mapping_sqs = aws_sdk_sqs::Client::from_conf(
+            aws_sdk_sqs::config::Builder::from(&sdk)
+                .endpoint_url(&endpoints[meter::EVENT_SOURCE_MAPPING])
+                .build(),
+        );
         let concurrency = Arc::new(Semaphore::new(config.deliver_instances as usize));
         let mappings: Vec<Arc<EventSourceMapping>> = [&resources.events, &resources.deliveries]
             .into_iter()
             .map(|queue| {
                 Arc::new(EventSourceMapping {
-                    client: sqs_client.clone(),
+                    client: mapping_sqs.clone(),
                     queue_url: queue.url.clone(),
                     queue_arn: queue.arn.clone(),
                     region: region.clone(),
@@ -387,6 +411,7 @@ impl AwsLocal {
             api,
             mappings,
             sweep: schedule,
+            meter,
         });
         let router = server::router(Arc::clone(&shared));
         let mut server_stop = stop.clone();
@@ -421,6 +446,11 @@ impl AwsLocal {
             .iter()
             .find(|f| f.name() == name)
             .cloned()
+    }
+
+    /// The DynamoDB and SQS usage meter (what `GET /_aws_local/meter` serves).
+    pub fn meter(&self) -> &Meter {
+        &self.shared.meter
     }
 
     /// Every execution environment (what `GET /_aws_local/functions` serves).

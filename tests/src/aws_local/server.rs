@@ -17,6 +17,7 @@ use time::OffsetDateTime;
 
 use super::Info;
 use super::apigw::{self, RequestContext};
+use super::meter::Meter;
 use super::runtime::{Function, InvokeError};
 use super::schedule::Schedule;
 use super::sqs::EventSourceMapping;
@@ -37,6 +38,7 @@ pub struct Shared {
     pub functions: Vec<Arc<Function>>,
     pub mappings: Vec<Arc<EventSourceMapping>>,
     pub sweep: Arc<Schedule>,
+    pub meter: Arc<Meter>,
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -46,7 +48,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/functions/{name}/kill", post(kill_all))
         .route("/functions/{name}/{instance}/kill", post(kill_one))
         .route("/queues", get(queues))
-        .route("/sweep", post(sweep));
+        .route("/sweep", post(sweep))
+        .route("/meter", get(meter))
+        .route("/meter/reset", post(reset_meter));
     Router::new()
         .nest("/_aws_local", admin)
         .fallback(api_gateway)
@@ -142,6 +146,16 @@ async fn kill_one(
 async fn queues(State(shared): State<Arc<Shared>>) -> Response {
     let rows: Vec<_> = shared.mappings.iter().map(|m| m.snapshot()).collect();
     axum::Json(rows).into_response()
+}
+
+/// DynamoDB and SQS usage by caller and operation since the start or the last reset.
+async fn meter(State(shared): State<Arc<Shared>>) -> Response {
+    axum::Json(shared.meter.snapshot()).into_response()
+}
+
+async fn reset_meter(State(shared): State<Arc<Shared>>) -> Response {
+    shared.meter.reset();
+    StatusCode::NO_CONTENT.into_response()
 }
 
 /// Fires the sweep schedule now and answers with the function's response.
