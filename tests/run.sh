@@ -17,7 +17,12 @@ trap '[[ -n $moto_pid ]] && kill "$moto_pid" 2>/dev/null || true' EXIT
 start_emulator target/moto.log
 
 echo "==> running every test"
-cargo test --workspace --all-features --locked --no-fail-fast
+rm -f target/cost-figures.json
+TIDINGS_COST_REPORT="$PWD/target/cost-figures.json" \
+    cargo test --workspace --all-features --locked --no-fail-fast
+# What a delivery costs on AWS, as the end-to-end run measured it (docs/cost.md).
+echo "==> DynamoDB and SQS usage per delivery (target/cost-figures.json)"
+cat target/cost-figures.json
 
 # ==== Deployment checks (issue 4; docs/deploy.md) ============================================
 # After the tests: the SAM template must pass cfn-lint and `sam validate --lint`, the three Lambda

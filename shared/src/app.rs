@@ -140,6 +140,16 @@ pub enum DeliverOutcome {
 pub struct SweepReport {
     pub found: usize,
     pub enqueued: usize,
+    /// Found due but under a live lease: a worker is on it, so the sweep left it alone.
+    pub in_flight: usize,
+}
+
+impl SweepReport {
+    /// Whether another round may find more: this one was full and made progress (a batch that
+    /// only met deliveries in flight would meet them again).
+    pub fn more_may_be_due(&self, batch: u32) -> bool {
+        self.found >= batch as usize && self.enqueued > 0
+    }
 }
 
 pub fn hash_api_key(key: &str) -> String {
@@ -736,6 +746,12 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             if current.due_at != Some(item.due_at) {
                 continue; // changed since the index was read
             }
+            if current.lease.as_ref().is_some_and(|l| l.expires_at > now) {
+                // A worker holds it. Claiming would bump the version and void that worker's
+                // result; should the worker die, a later sweep takes it once the lease runs out.
+                report.in_flight += 1;
+                continue;
+            }
             let mut claimed = current.clone();
             claimed.due_at = Some(now.saturating_add(self.config.sweep_grace));
             claimed.updated_at = now;
@@ -765,5 +781,102 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             report.enqueued = 0;
         }
         Ok(report)
+    }
+}
+
+#[cfg(all(test, feature = "sqlite"))]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::conformance::{new_event, save, subscription, tenant, ts};
+    use crate::ports::{FakeClock, QueueError};
+    use crate::sqlite::SqliteStore;
+
+    #[derive(Default)]
+    struct Jobs(Mutex<Vec<DeliveryJob>>);
+
+    impl DeliveryQueue for Jobs {
+        fn max_delay(&self) -> Duration {
+            Duration::from_secs(900)
+        }
+        async fn enqueue(&self, jobs: Vec<(DeliveryJob, Duration)>) -> Result<(), QueueError> {
+            self.0
+                .lock()
+                .unwrap()
+                .extend(jobs.into_iter().map(|(j, _)| j));
+            Ok(())
+        }
+    }
+
+    struct Answers200;
+
+    impl HttpSender for Answers200 {
+        async fn send(&self, _request: OutboundRequest) -> SendOutcome {
+            SendOutcome::Response {
+                status: 200,
+                retry_after: None,
+                body_snippet: String::new(),
+                latency: Duration::from_millis(1),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_sweep_leaves_a_delivery_in_flight_alone_and_takes_it_once_the_lease_runs_out() {
+        let clock = FakeClock::at(ts(0));
+        let config = AppConfig::default();
+        let (grace, lease) = (config.sweep_grace, config.lease_duration);
+        let app = App::new(
+            SqliteStore::open_in_memory().unwrap(),
+            Jobs::default(),
+            clock.clone(),
+            config,
+        );
+        let a = tenant("a");
+        let sub = subscription(&a, ts(0));
+        app.store.insert_subscription(&sub).await.unwrap();
+        let new = new_event(&a, &[&sub], ts(0), "{}");
+        app.store.insert_event(&new).await.unwrap();
+        let created = new.deliveries[0].clone();
+
+        // A worker leases it a second in, then dies without a word.
+        let taken = created.leased(ts(1_000), "worker".into(), lease).unwrap();
+        let taken = save(&app.store, &created, taken).await;
+        assert_eq!(taken.due_at, created.due_at, "the lease kept the due time");
+
+        // Due (created + grace) while the lease still runs: left alone, not even written.
+        clock.set(
+            ts(0)
+                .saturating_add(grace)
+                .saturating_add(Duration::from_millis(500)),
+        );
+        let report = app.sweep_due().await.unwrap();
+        assert_eq!((report.found, report.in_flight, report.enqueued), (1, 1, 0));
+        assert!(!report.more_may_be_due(1), "no progress: no second round");
+        let now = app.store.get_delivery(&a, &created.id).await.unwrap();
+        assert_eq!(now.as_ref(), Some(&taken));
+        assert!(app.queue.0.lock().unwrap().is_empty());
+
+        // The lease ran out: the sweep takes it and the job delivers it.
+        clock.set(
+            ts(1_000)
+                .saturating_add(lease)
+                .saturating_add(Duration::from_millis(1)),
+        );
+        let report = app.sweep_due().await.unwrap();
+        assert_eq!((report.found, report.in_flight, report.enqueued), (1, 0, 1));
+        let job = app.queue.0.lock().unwrap().pop().expect("a job");
+        assert_eq!(job.delivery_id, created.id);
+        let outcome = app.deliver(&Answers200, &job).await.unwrap();
+        assert_eq!(outcome, DeliverOutcome::Delivered);
+        let done = app
+            .store
+            .get_delivery(&a, &created.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.status, DeliveryStatus::Succeeded);
+        assert_eq!(done.due_at, None);
     }
 }

@@ -881,15 +881,12 @@ pub async fn due_deliveries_returns_due_work_earliest_first<S: Store>(store: &S)
     let (leased, retrying) = (&eb.deliveries[0], &eb.deliveries[1]);
 
     // pending: untouched, due after the grace (t0 + 60 s).
-    // leased: due when its lease runs out (t0 + 30 s).
-    save(
-        store,
-        leased,
-        leased
-            .leased(t0, "w".into(), Duration::from_secs(30))
-            .unwrap(),
-    )
-    .await;
+    // leased, and due at t0 + 30 s (set by hand: this checks the store's index, not a policy).
+    let mut next = leased
+        .leased(t0, "w".into(), Duration::from_secs(30))
+        .unwrap();
+    next.due_at = Some(ts(30_000));
+    save(store, leased, next).await;
     // retrying: one failed attempt, due again at t0 + 10 s.
     let retry_at = ts(10_000);
     let next = retrying.with_attempt(

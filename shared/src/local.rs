@@ -119,7 +119,7 @@ where
                                 "sweep re-sent due deliveries"
                             );
                         }
-                        if report.found < app.config.sweep_batch as usize {
+                        if !report.more_may_be_due(app.config.sweep_batch) {
                             break;
                         }
                     }

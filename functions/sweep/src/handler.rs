@@ -1,9 +1,10 @@
-//! Sweeps in rounds of `sweep_batch` while full batches come back, within the time left.
+//! Sweeps in rounds of `sweep_batch` while full batches come back and make progress, within the
+//! time left.
 
 use std::time::{Duration, Instant, SystemTime};
 
 use lambda_runtime::Diagnostic;
-use tidings_core::app::App;
+use tidings_core::app::{App, SweepReport};
 use tidings_core::ports::{Clock, DeliveryQueue, Store, StoreError};
 
 /// Rounds per invocation at most; the next scheduled run picks up whatever is left.
@@ -40,7 +41,7 @@ pub async fn handle<S: Store, Q: DeliveryQueue, C: Clock>(
     app: &App<S, Q, C>,
     deadline: SystemTime,
 ) -> Result<Summary, SweepFailed> {
-    let batch = app.config.sweep_batch as usize;
+    let batch = app.config.sweep_batch;
     let mut summary = Summary::default();
     let mut longest = Duration::ZERO;
     for round in 0..MAX_ROUNDS {
@@ -58,7 +59,7 @@ pub async fn handle<S: Store, Q: DeliveryQueue, C: Clock>(
         let time_left = deadline
             .duration_since(SystemTime::now())
             .unwrap_or_default();
-        if !another_round(report.found, batch, time_left, longest) {
+        if !another_round(&report, batch, time_left, longest) {
             break;
         }
     }
@@ -72,10 +73,15 @@ pub async fn handle<S: Store, Q: DeliveryQueue, C: Clock>(
     Ok(summary)
 }
 
-/// Another round only if the last one came back full (more may be due) and there is time for
-/// one more as long as the longest so far, with a margin.
-pub fn another_round(found: usize, batch: usize, time_left: Duration, longest: Duration) -> bool {
-    found >= batch && time_left > longest + DEADLINE_MARGIN
+/// Another round only if the last one came back full and made progress (more may be due) and
+/// there is time for one more as long as the longest so far, with a margin.
+pub fn another_round(
+    report: &SweepReport,
+    batch: u32,
+    time_left: Duration,
+    longest: Duration,
+) -> bool {
+    report.more_may_be_due(batch) && time_left > longest + DEADLINE_MARGIN
 }
 
 #[cfg(test)]
@@ -85,17 +91,32 @@ mod tests {
     #[test]
     fn rounds_continue_only_while_full_and_in_time() {
         let s = Duration::from_secs;
-        assert!(another_round(500, 500, s(60), s(2)));
+        let report = |found, enqueued, in_flight| SweepReport {
+            found,
+            enqueued,
+            in_flight,
+        };
+        assert!(another_round(&report(500, 500, 0), 500, s(60), s(2)));
+        assert!(another_round(&report(500, 1, 499), 500, s(60), s(2)));
         assert!(
-            !another_round(499, 500, s(60), s(2)),
+            !another_round(&report(499, 499, 0), 500, s(60), s(2)),
             "a short batch drained the backlog"
         );
-        assert!(!another_round(0, 500, s(60), s(0)));
         assert!(
-            !another_round(500, 500, s(6), s(2)),
+            !another_round(&report(500, 0, 500), 500, s(60), s(2)),
+            "a batch of deliveries in flight would come back the same"
+        );
+        assert!(!another_round(&report(0, 0, 0), 500, s(60), s(0)));
+        assert!(
+            !another_round(&report(500, 500, 0), 500, s(6), s(2)),
             "not enough time for another round"
         );
-        assert!(!another_round(500, 500, Duration::ZERO, Duration::ZERO));
+        assert!(!another_round(
+            &report(500, 500, 0),
+            500,
+            Duration::ZERO,
+            Duration::ZERO
+        ));
     }
 
     #[test]

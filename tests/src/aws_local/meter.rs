@@ -271,6 +271,10 @@ async fn forward(
     };
 
     let answer_json: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
+    if !status.is_success() {
+        let error = answer_json["__type"].as_str().unwrap_or_default();
+        tracing::info!(%caller, %target, %status, error, "meter: the emulator answered with an error");
+    }
     if let Some(op) = dynamo_op {
         let mut schemas = HashMap::new();
         for write in &writes {
