@@ -14,9 +14,12 @@ pub const DEADLINE_MARGIN: Duration = Duration::from_secs(5);
 
 /// What one invocation did; the function's response.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Summary {
     pub found: usize,
     pub enqueued: usize,
+    /// Due, but a worker holds a live lease on them: left for a later sweep.
+    pub in_flight: usize,
 }
 
 /// The store failed: the invocation fails (and shows in the function's error metrics).
@@ -56,6 +59,7 @@ pub async fn handle<S: Store, Q: DeliveryQueue, C: Clock>(
         longest = longest.max(started.elapsed());
         summary.found += report.found;
         summary.enqueued += report.enqueued;
+        summary.in_flight += report.in_flight;
         let time_left = deadline
             .duration_since(SystemTime::now())
             .unwrap_or_default();
@@ -67,6 +71,7 @@ pub async fn handle<S: Store, Q: DeliveryQueue, C: Clock>(
         tracing::info!(
             found = summary.found,
             enqueued = summary.enqueued,
+            in_flight = summary.in_flight,
             "sweep done"
         );
     }
@@ -124,8 +129,12 @@ mod tests {
         let json = serde_json::to_value(Summary {
             found: 3,
             enqueued: 2,
+            in_flight: 1,
         })
         .unwrap();
-        assert_eq!(json, serde_json::json!({"found": 3, "enqueued": 2}));
+        assert_eq!(
+            json,
+            serde_json::json!({"found": 3, "enqueued": 2, "inFlight": 1})
+        );
     }
 }

@@ -223,10 +223,10 @@ async fn the_stand_in_plays_lambda_api_gateway_sqs_and_the_schedule() {
             .unwrap()
             .starts_with("127.0.0.1:")
     );
-    assert_eq!(
-        env["AWS_ENDPOINT_URL"],
-        std::env::var("AWS_ENDPOINT_URL").unwrap().as_str()
-    );
+    // The function reaches the emulator through the meter: a listener of its own on 127.0.0.1.
+    let endpoint = env["AWS_ENDPOINT_URL"].as_str().unwrap();
+    assert!(endpoint.starts_with("http://127.0.0.1:"), "{endpoint}");
+    assert_ne!(endpoint, std::env::var("AWS_ENDPOINT_URL").unwrap());
 
     // ---- SQS → tidings-deliver ----
     let entries = ["ok-a", "fail-b", "ok-c"]
@@ -286,6 +286,15 @@ async fn the_stand_in_plays_lambda_api_gateway_sqs_and_the_schedule() {
     assert!(record["md5OfBody"].is_string());
     assert!(record["receiptHandle"].is_string());
     assert!(record["attributes"]["SentTimestamp"].is_string());
+
+    // The event source mappings' own SQS calls went through the meter too.
+    let usage = local.meter().snapshot();
+    let mapping = &usage[super::meter::EVENT_SOURCE_MAPPING];
+    assert!(mapping["sqs.ReceiveMessage"].messages >= 5, "{mapping:?}");
+    assert!(
+        mapping["sqs.DeleteMessageBatch"].messages >= 2,
+        "{mapping:?}"
+    );
 
     // fail-b: reported failed on each of its 2 receives, then moved to the DLQ by the redrive policy.
     let dead = eventually_async_dlq(&sqs, &info.events_dlq_url).await;
