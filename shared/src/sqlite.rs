@@ -3,11 +3,13 @@
 //! Entities are stored as the JSON of their domain type; the columns beside the body are only the
 //! keys and indexes queries need.
 //!
-//! Threads: one writer thread owns the read-write connection and one reader thread owns a
-//! read-only connection (WAL lets it read while the writer commits); calls reach them over a
-//! channel and get their answer back on a oneshot, so a call costs one hand-off each way. JSON is
-//! encoded before and decoded after the hand-off, on the caller's task, to keep the two threads'
-//! work short. A third thread copies the WAL into the database file (a checkpoint, with its own
+//! Threads: one writer thread owns the read-write connection; writes reach it over a channel and
+//! get their answer back on a oneshot, so a write costs one hand-off each way. JSON is encoded
+//! before and decoded after the hand-off, on the caller's task, to keep the writer's work short.
+//! Reads run on the caller's thread, on a read-only connection taken from a small pool (WAL lets
+//! them read while the writer commits): a read of a cached page takes microseconds, less than the
+//! two thread hand-offs it used to cost (the profile of the burst benchmark showed the reader
+//! thread's wake-ups among the largest costs). A second thread copies the WAL into the database file (a checkpoint, with its own
 //! fsync of that file) while the writer goes on committing, instead of the writer doing it inside
 //! every thousandth commit with everyone in that batch waiting.
 //!
@@ -18,8 +20,8 @@
 //! the commit fails every write of the batch fails with it.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -108,9 +110,8 @@ struct Inner {
     /// `None` only while dropping.
     writer: Option<mpsc::Sender<WriterMsg>>,
     /// `None` for an in-memory database (no second connection can see it): reads go to the writer.
-    reader: Option<mpsc::Sender<ReadJob>>,
+    readers: Option<ReaderPool>,
     writer_thread: Option<JoinHandle<()>>,
-    reader_thread: Option<JoinHandle<()>>,
     checkpointer_thread: Option<JoinHandle<()>>,
     stats: Arc<Stats>,
 }
@@ -122,10 +123,7 @@ impl Drop for Inner {
     /// WAL.
     fn drop(&mut self) {
         // A thread that panicked has nothing left to clean up, hence the ignored joins.
-        self.reader = None;
-        if let Some(thread) = self.reader_thread.take() {
-            let _ = thread.join();
-        }
+        self.readers = None;
         // The writer drops the checkpointer's wake-up channel as it ends.
         self.writer = None;
         if let Some(thread) = self.writer_thread.take() {
@@ -253,14 +251,13 @@ impl SqliteStore {
         writer
             .pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)
             .map_err(StoreError::unavailable)?;
-        // Both opened after the writer made the file WAL and current. The reader can never write.
-        let reader = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(StoreError::unavailable)?;
-        set_busy_timeout(&reader)?;
-        keep_statements(&reader);
+        // Both opened after the writer made the file WAL and current. Readers can never write.
+        let readers = ReaderPool {
+            path: path.to_owned(),
+            idle: Mutex::new(Vec::new()),
+        };
+        let first = readers.open()?;
+        readers.give_back(first);
         // A checkpoint needs a read-write connection; this one runs nothing else.
         let checkpointer = Connection::open(path).map_err(StoreError::unavailable)?;
         set_busy_timeout(&checkpointer)?;
@@ -271,7 +268,7 @@ impl SqliteStore {
         Self::start(
             writer,
             Some(FileThreads {
-                reader,
+                readers,
                 checkpointer,
             }),
         )
@@ -289,25 +286,18 @@ impl SqliteStore {
         let (writer_tx, writer_rx) = mpsc::channel();
         let mut inner = Inner {
             writer: Some(writer_tx),
-            reader: None,
+            readers: None,
             writer_thread: None,
-            reader_thread: None,
             checkpointer_thread: None,
             stats: Arc::clone(&stats),
         };
         // From here on, dropping `inner` on an error stops whatever was started.
         let wake_checkpointer = match file {
             Some(FileThreads {
-                reader,
+                readers,
                 checkpointer,
             }) => {
-                let (tx, rx) = mpsc::channel::<ReadJob>();
-                inner.reader = Some(tx);
-                inner.reader_thread = Some(spawn("sqlite-reader", move || {
-                    while let Ok(job) = rx.recv() {
-                        run_read(&reader, job);
-                    }
-                })?);
+                inner.readers = Some(readers);
                 // One slot: a wake-up already waiting covers every later commit.
                 let (wake, woken) = mpsc::sync_channel(1);
                 let stats = Arc::clone(&stats);
@@ -326,20 +316,26 @@ impl SqliteStore {
         })
     }
 
-    /// Runs the read `f` on the reader connection (the writer's for an in-memory store).
+    /// Runs the read `f` here, on a pooled read-only connection (on the writer's thread for an
+    /// in-memory store).
     async fn read<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     {
+        if let Some(readers) = &self.inner.readers {
+            let conn = readers.take()?;
+            let result = catch_unwind(AssertUnwindSafe(|| f(&conn)));
+            readers.give_back(conn);
+            return result.unwrap_or_else(|_| Err(StoreError::unavailable(Panicked)));
+        }
         let (tx, rx) = oneshot::channel();
         let job: ReadJob = Box::new(move |conn| {
             let _ = tx.send(f(conn));
         });
-        let sent = match (&self.inner.reader, &self.inner.writer) {
-            (Some(reader), _) => reader.send(job).is_ok(),
-            (None, Some(writer)) => writer.send(WriterMsg::Read(job)).is_ok(),
-            (None, None) => false,
+        let sent = match &self.inner.writer {
+            Some(writer) => writer.send(WriterMsg::Read(job)).is_ok(),
+            None => false,
         };
         if !sent {
             return Err(StoreError::unavailable(Stopped));
@@ -412,8 +408,47 @@ impl SqliteStore {
 
 /// The connections a file-backed store has besides the writer's.
 struct FileThreads {
-    reader: Connection,
+    readers: ReaderPool,
     checkpointer: Connection,
+}
+
+/// Idle read-only connections; a read takes one (opening another when all are busy) and gives it
+/// back, keeping at most [`MAX_IDLE_READERS`].
+#[derive(Debug)]
+struct ReaderPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+/// About the number of threads that read at once (the runtime's workers).
+const MAX_IDLE_READERS: usize = 16;
+
+impl ReaderPool {
+    fn open(&self) -> StoreResult<Connection> {
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(StoreError::unavailable)?;
+        set_busy_timeout(&conn)?;
+        keep_statements(&conn);
+        Ok(conn)
+    }
+
+    fn take(&self) -> StoreResult<Connection> {
+        let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        match idle {
+            Some(conn) => Ok(conn),
+            None => self.open(),
+        }
+    }
+
+    fn give_back(&self, conn: Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(conn);
+        }
+    }
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StoreError> {
