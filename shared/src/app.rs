@@ -114,6 +114,13 @@ pub struct PublishRequest {
     pub occurred_at: Option<Timestamp>,
 }
 
+/// A stored event and the jobs of its new deliveries, not yet enqueued.
+#[derive(Debug)]
+pub struct Accepted {
+    pub published: Published,
+    pub jobs: Vec<(DeliveryJob, Duration)>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
     pub event_id: EventId,
@@ -350,6 +357,21 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         request: PublishRequest,
         idempotency_key: Option<String>,
     ) -> AppResult<Published> {
+        let accepted = self.accept_event(tenant, request, idempotency_key).await?;
+        self.send_jobs(accepted.jobs).await;
+        Ok(accepted.published)
+    }
+
+    /// [`publish_event`](Self::publish_event) without the enqueue: the event and its deliveries
+    /// are stored, and the jobs are the caller's to send with [`send_jobs`](Self::send_jobs),
+    /// e.g. together with other events' jobs in one queue request. Should they never be sent,
+    /// the deliveries' due time makes the sweep send them.
+    pub async fn accept_event(
+        &self,
+        tenant: &TenantId,
+        request: PublishRequest,
+        idempotency_key: Option<String>,
+    ) -> AppResult<Accepted> {
         if request.data.get().len() > MAX_EVENT_DATA_BYTES {
             return Err(AppError::invalid(
                 "data",
@@ -395,10 +417,13 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             idempotency_key,
         };
         match self.store.insert_event(&new).await? {
-            InsertOutcome::Existing(event_id) => Ok(Published {
-                event_id,
-                created: false,
-                deliveries: 0,
+            InsertOutcome::Existing(event_id) => Ok(Accepted {
+                published: Published {
+                    event_id,
+                    created: false,
+                    deliveries: 0,
+                },
+                jobs: Vec::new(),
             }),
             InsertOutcome::Created => {
                 let jobs = new
@@ -414,17 +439,27 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
                         )
                     })
                     .collect::<Vec<_>>();
-                if !jobs.is_empty()
-                    && let Err(e) = self.queue.enqueue(jobs).await
-                {
-                    tracing::warn!(error = %e, event = %new.event.id, "enqueue failed; the sweep will send these deliveries");
-                }
-                Ok(Published {
-                    event_id: new.event.id,
-                    created: true,
-                    deliveries: new.deliveries.len(),
+                Ok(Accepted {
+                    published: Published {
+                        event_id: new.event.id,
+                        created: true,
+                        deliveries: new.deliveries.len(),
+                    },
+                    jobs,
                 })
             }
+        }
+    }
+
+    /// Enqueues delivery jobs (at once, however many: the queue batches them). A failure is only
+    /// logged: the deliveries are stored and due, so the sweep sends them.
+    pub async fn send_jobs(&self, jobs: Vec<(DeliveryJob, Duration)>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let count = jobs.len();
+        if let Err(e) = self.queue.enqueue(jobs).await {
+            tracing::warn!(error = %e, jobs = count, "enqueue failed; the sweep will send these deliveries");
         }
     }
 

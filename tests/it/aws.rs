@@ -664,6 +664,13 @@ async fn the_cost_of_a_delivery_is_measured_on_the_wire() {
             (calls, write_units, read_units)
         );
     }
+    // Events from the queue: their jobs leave in one `SendMessageBatch` per received batch,
+    // not one per event.
+    let job_requests = service_total(&queued, "sqs", &[DELIVER]).calls as f64 / N as f64;
+    assert!(
+        job_requests <= 0.5,
+        "SQS requests of deliver per queued event: {job_requests}"
+    );
     // Every delivery was enqueued once per attempt, never more.
     let sent = |usage: &Usage| service_total(usage, "sqs", &[API, DELIVER, SWEEP]).messages;
     assert_eq!(sent(&first), N as u64);

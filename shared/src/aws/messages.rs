@@ -16,6 +16,7 @@
 //! `maxReceiveCount` receives); it never affects the other records.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use tracing::Instrument as _;
 
@@ -157,23 +158,45 @@ where
     C: Clock,
     H: HttpSender,
 {
+    let (handled, jobs) = handle_message_deferred(app, sender, message).await?;
+    app.send_jobs(jobs).await;
+    Ok(handled)
+}
+
+/// [`handle_message`], leaving a published event's delivery jobs to the caller.
+async fn handle_message_deferred<S, Q, C, H>(
+    app: &App<S, Q, C>,
+    sender: &H,
+    message: &QueueMessage,
+) -> Result<(Handled, Vec<(DeliveryJob, Duration)>), RecordError>
+where
+    S: Store,
+    Q: DeliveryQueue,
+    C: Clock,
+    H: HttpSender,
+{
     match Message::parse(message)? {
         // Every outcome is final for this message, `NotDue` included: the delivery's due time in
         // the store makes the sweep send it again.
-        Message::Deliver(job) => Ok(Handled::Delivered(app.deliver(sender, &job).await?)),
+        Message::Deliver(job) => Ok((
+            Handled::Delivered(app.deliver(sender, &job).await?),
+            Vec::new(),
+        )),
         Message::Publish {
             tenant,
             request,
             idempotency_key,
-        } => Ok(Handled::Published(
-            app.publish_event(&tenant, request, idempotency_key).await?,
-        )),
+        } => {
+            let accepted = app.accept_event(&tenant, request, idempotency_key).await?;
+            Ok((Handled::Published(accepted.published), accepted.jobs))
+        }
     }
 }
 
 /// Handles every record, at most `concurrency` at a time, each in its own span; returns the ids
 /// of the messages that must come back (SQS `batchItemFailures`). One bad record never fails
-/// the others.
+/// the others. The delivery jobs of the events published from the batch go out together at the
+/// end (one `SendMessageBatch` per 10 instead of one per event: a tenth of the SQS requests).
 pub async fn process_messages<S, Q, C, H>(
     app: &App<S, Q, C>,
     sender: &H,
@@ -189,24 +212,29 @@ where
     let records = messages.into_iter().map(|message| {
         let span = tracing::info_span!("record", message_id = %message.message_id);
         async move {
-            match handle_message(app, sender, &message).await {
-                Ok(handled) => {
+            match handle_message_deferred(app, sender, &message).await {
+                Ok((handled, jobs)) => {
                     log_handled(&handled);
-                    None
+                    Ok(jobs)
                 }
                 Err(e) => {
                     log_failure(&e);
-                    Some(message.message_id)
+                    Err(message.message_id)
                 }
             }
         }
         .instrument(span)
     });
-    join_bounded(records, concurrency)
-        .await
-        .into_iter()
-        .flatten()
-        .collect()
+    let mut jobs = Vec::new();
+    let mut failed = Vec::new();
+    for result in join_bounded(records, concurrency).await {
+        match result {
+            Ok(more) => jobs.extend(more),
+            Err(message_id) => failed.push(message_id),
+        }
+    }
+    app.send_jobs(jobs).await;
+    failed
 }
 
 fn log_handled(handled: &Handled) {
@@ -242,7 +270,7 @@ fn log_failure(e: &RecordError) {
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
-    use std::time::Duration;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
     use crate::app::AppConfig;
@@ -399,7 +427,8 @@ mod tests {
     }
 
     #[derive(Default)]
-    struct MemQueue(Mutex<Vec<(DeliveryJob, Duration)>>);
+    /// The jobs enqueued, and how many enqueue calls brought them.
+    struct MemQueue(Mutex<Vec<(DeliveryJob, Duration)>>, AtomicUsize);
 
     impl DeliveryQueue for MemQueue {
         fn max_delay(&self) -> Duration {
@@ -407,6 +436,7 @@ mod tests {
         }
         async fn enqueue(&self, jobs: Vec<(DeliveryJob, Duration)>) -> Result<(), QueueError> {
             self.0.lock().unwrap().extend(jobs);
+            self.1.fetch_add(1, Ordering::Relaxed);
             Ok(())
         }
     }
@@ -617,6 +647,11 @@ mod tests {
         // order.created and order.paid match the subscription; user.x does not.
         assert_eq!(mem.deliveries.len(), 2);
         assert_eq!(app.queue.0.lock().unwrap().len(), 2);
+        assert_eq!(
+            app.queue.1.load(Ordering::Relaxed),
+            1,
+            "the batch's jobs go out in one enqueue"
+        );
         assert!(
             receiver.0.lock().unwrap().is_empty(),
             "publishing sends nothing itself"
