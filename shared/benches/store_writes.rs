@@ -58,6 +58,7 @@ fn template() -> NewEvent {
         event,
         deliveries: vec![delivery],
         idempotency_key: None,
+        fresh_id: true,
     }
 }
 

@@ -150,6 +150,7 @@ pub fn new_event(
         event,
         deliveries,
         idempotency_key: None,
+        fresh_id: false,
     }
 }
 
@@ -668,6 +669,37 @@ pub async fn deliveries_are_written_with_their_event<S: Store>(store: &S) {
         subscription(&a, ts(2)),
     );
     insert_all(store, &[&s1, &s2, &s3]).await;
+    // A generated id (`fresh_id`) may take a store's path without a repeat guard: same result.
+    let f = tenant("tenant-f");
+    let (f1, f2) = (subscription(&f, ts(0)), subscription(&f, ts(1)));
+    insert_all(store, &[&f1, &f2]).await;
+    let mut fresh = new_event(&f, &[&f1, &f2], ts(5), r#"{"id":6}"#);
+    fresh.fresh_id = true;
+    created(store, &fresh).await;
+    assert_eq!(
+        store.get_event(&f, &fresh.event.id).await.unwrap(),
+        Some(fresh.event.clone())
+    );
+    let due: Vec<_> = store
+        .due_deliveries(ts(3_600_000), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.delivery_id)
+        .collect();
+    for (s, d) in [&f1, &f2].into_iter().zip(&fresh.deliveries) {
+        assert_eq!(
+            store.get_delivery(&f, &d.id).await.unwrap().as_ref(),
+            Some(d)
+        );
+        assert!(due.contains(&d.id), "{} is due", d.id);
+        let listed = store
+            .list_deliveries(&f, &s.id, &PageRequest { limit: 10, after: None })
+            .await
+            .unwrap();
+        assert_eq!(listed.items, vec![d.clone()]);
+    }
+
     let new = new_event(&a, &[&s1, &s2, &s3], ts(10), r#"{"id":7}"#);
     created(store, &new).await;
     for d in &new.deliveries {

@@ -45,6 +45,7 @@
 //! | `update_subscription` | 1 `PutItem` (`attribute_exists`) |
 //! | `delete_subscription` | 1 `DeleteItem` (`attribute_exists`) |
 //! | `tenant_subscriptions` | 1 `Query` on `list` |
+//! | `insert_event`, generated event id, no idempotency key, 1 or more deliveries | ⌈n/25⌉ `BatchWriteItem` (deliveries) + 1 conditional `PutItem` (the event): no transaction, so half the write units |
 //! | `insert_event`, up to 98 deliveries (99 without an idempotency key) | 1 `TransactWriteItems` (event, key, deliveries); 1 conditional `PutItem` instead when the event is the only item. A repeat costs nothing more on AWS (the failed condition returns the old item); +1 `GetItem` where an emulator leaves it out |
 //! | `insert_event`, more deliveries | 1 `BatchGetItem` (is it a repeat?) + ⌈n/25⌉ `BatchWriteItem` (deliveries) + 1 `TransactWriteItems` (event + key; or `PutItem`); a repeat caught only by the last write adds ⌈n/25⌉ `BatchWriteItem` deleting the deliveries again |
 //! | `get_event` | 1 `GetItem` |
@@ -59,11 +60,13 @@
 //! Index writes per delivery write: `list` only when the delivery is created (keys only);
 //! `due` when `due_at` changes (a changed key is a delete plus a put in the index).
 //!
-//! # Large fan-out
+//! # Deliveries first: large fan-out and generated ids
 //!
-//! `TransactWriteItems` takes at most 100 items. An event with more deliveries writes the
+//! `TransactWriteItems` takes at most 100 items, and bills every item twice. An event with more
+//! deliveries, and an event whose id was generated for this publish and has no idempotency key
+//! (nothing can repeat it, so there is nothing for a transaction to guard), write the
 //! deliveries first (`BatchWriteItem`, unconditional) and the event with its idempotency key last,
-//! in one transaction. The event becomes visible only when all its deliveries exist, so an
+//! in one transaction or one conditional `PutItem`. The event becomes visible only when all its deliveries exist, so an
 //! accepted event never misses a delivery. The price: should the process die between the two
 //! steps, the deliveries stay without an accepted event. The producer got no answer and
 //! publishes again; the orphans then either fail visibly ("event not found") or, where the retry
@@ -558,13 +561,16 @@ impl DynamoStore {
         Ok(())
     }
 
-    /// More deliveries than a transaction holds: deliveries first, then the event (module docs).
-    async fn insert_large_event(
+    /// Deliveries first, then the event (module docs): for more deliveries than a transaction
+    /// holds, and for a generated event id without a key. `check_repeat` first looks whether the
+    /// event id or key is known, so a repeat writes nothing.
+    async fn insert_deliveries_first(
         &self,
         new: &NewEvent,
         deliveries: Vec<Item>,
+        check_repeat: bool,
     ) -> StoreResult<InsertOutcome> {
-        if let Some(existing) = self.already_published(new).await? {
+        if check_repeat && let Some(existing) = self.already_published(new).await? {
             return Ok(InsertOutcome::Existing(existing));
         }
         let keys: Vec<String> = new
@@ -966,11 +972,16 @@ impl Store for DynamoStore {
             .iter()
             .map(|d| self.delivery_item(d))
             .collect::<StoreResult<Vec<_>>>()?;
+        if new.fresh_id && new.idempotency_key.is_none() && !deliveries.is_empty() {
+            // Nothing can repeat a generated id, so nothing needs the transaction (which doubles
+            // every item's write units): the deliveries, then the event (module docs).
+            return self.insert_deliveries_first(new, deliveries, false).await;
+        }
         let room = MAX_TRANSACTION_ITEMS - 1 - usize::from(new.idempotency_key.is_some());
         if deliveries.len() <= room {
             self.write_new_event(new, deliveries).await
         } else {
-            self.insert_large_event(new, deliveries).await
+            self.insert_deliveries_first(new, deliveries, true).await
         }
     }
 
