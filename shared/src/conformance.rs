@@ -694,7 +694,14 @@ pub async fn deliveries_are_written_with_their_event<S: Store>(store: &S) {
         );
         assert!(due.contains(&d.id), "{} is due", d.id);
         let listed = store
-            .list_deliveries(&f, &s.id, &PageRequest { limit: 10, after: None })
+            .list_deliveries(
+                &f,
+                &s.id,
+                &PageRequest {
+                    limit: 10,
+                    after: None,
+                },
+            )
             .await
             .unwrap();
         assert_eq!(listed.items, vec![d.clone()]);

@@ -332,3 +332,39 @@ async fn an_event_with_more_deliveries_than_a_transaction_holds_is_written_whole
     let expected: HashSet<_> = winner.deliveries.iter().map(|d| d.id.clone()).collect();
     assert_eq!(listed, expected, "only the winner's deliveries");
 }
+
+#[tokio::test]
+async fn a_found_api_key_is_remembered_for_the_cache_time_and_an_unknown_one_never() {
+    let client = client().await;
+    let table = unique_table();
+    DynamoStore::create_table(&client, &table).await.unwrap();
+    let cached =
+        DynamoStore::new(client.clone(), &table).with_api_key_cache(Duration::from_secs(60));
+    let uncached = DynamoStore::new(client.clone(), &table).with_api_key_cache(Duration::ZERO);
+    let a = tenant("tenant-a");
+    let record = tidings_core::domain::ApiKeyRecord {
+        key_hash: "h1".into(),
+        tenant_id: a.clone(),
+        created_at: ts(0),
+    };
+
+    // Unknown first: not remembered as unknown, so the key works as soon as it exists.
+    assert_eq!(cached.tenant_for_api_key("h1").await.unwrap(), None);
+    cached.put_api_key(&record).await.unwrap();
+    assert_eq!(
+        cached.tenant_for_api_key("h1").await.unwrap(),
+        Some(a.clone())
+    );
+
+    // Revoked (the item deleted, as docs/deploy.md does it): the cache still knows it, a store
+    // without a cache does not.
+    client
+        .delete_item()
+        .table_name(&table)
+        .key(PK, AttributeValue::S("KEY#h1".into()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cached.tenant_for_api_key("h1").await.unwrap(), Some(a));
+    assert_eq!(uncached.tenant_for_api_key("h1").await.unwrap(), None);
+}

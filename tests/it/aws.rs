@@ -65,6 +65,7 @@ impl AwsLocal {
             .env("TIDINGS_ALLOW_CALLBACK_CIDRS", "127.0.0.0/8")
             .env("TIDINGS_SWEEP_GRACE", "3s")
             .env("TIDINGS_REQUEST_TIMEOUT", "2s")
+            .env("TIDINGS_RETENTION", "2d")
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -178,6 +179,26 @@ async fn api_subscribe_and_publish_deliver_a_signed_webhook() {
     verify(sub["secret"].as_str().unwrap(), &got[0]);
     let d = first_delivery_succeeded(&aws.api, &sub).await;
     assert_eq!(d["attempts"].as_array().unwrap().len(), 1);
+    // TIDINGS_RETENTION (2 days here) sets the event's DynamoDB TTL.
+    let sdk = tidings_core::aws::dynamo::load_sdk_config().await;
+    let item = aws_sdk_dynamodb::Client::new(&sdk)
+        .get_item()
+        .table_name(aws.url("tableName"))
+        .key(
+            "pk",
+            aws_sdk_dynamodb::types::AttributeValue::S(format!("T#t1#EVT#{event_id}")),
+        )
+        .send()
+        .await
+        .unwrap()
+        .item
+        .expect("the event item");
+    let expires_at: i64 = item["expires_at"].as_n().unwrap().parse().unwrap();
+    let in_two_days = time::OffsetDateTime::now_utc().unix_timestamp() + 2 * 24 * 3600;
+    assert!(
+        (expires_at - in_two_days).abs() < 300,
+        "expires_at {expires_at}, expected about {in_two_days}"
+    );
     // Validation errors come back through API Gateway as problem+json too.
     let bad = aws
         .api
@@ -646,9 +667,9 @@ async fn the_cost_of_a_delivery_is_measured_on_the_wire() {
     // The budget docs/cost.md states, per delivery: a change that adds a DynamoDB call or unit
     // fails here. (Calls count without the emulator's retried errors.)
     for (name, usage, calls, write_units, read_units) in [
-        ("first attempt", &first, 9.0, 7.0, 4.5),
-        ("retried once", &retried, 14.0, 11.0, 7.5),
-        ("via the events queue", &queued, 7.0, 11.0, 3.5),
+        ("first attempt", &first, 9.0, 7.0, 3.5),
+        ("retried once", &retried, 14.0, 11.0, 6.0),
+        ("via the events queue", &queued, 7.0, 11.0, 3.0),
     ] {
         let d = service_total(usage, "dynamodb", &[API, DELIVER, SWEEP]);
         let per = |x: f64| x / N as f64;

@@ -32,13 +32,15 @@
 //!
 //! # DynamoDB calls per [`Store`] method
 //!
-//! Every `GetItem` and `BatchGetItem` is strongly consistent; index queries cannot be, so a list
-//! (and fan-out's `tenant_subscriptions`) may miss a write made a moment before.
+//! Every `GetItem` and `BatchGetItem` is strongly consistent but the event's (an event never
+//! changes, so an eventually consistent read at half the price is right whenever it finds it; a
+//! miss is read again strongly); index queries cannot be, so a list (and fan-out's
+//! `tenant_subscriptions`) may miss a write made a moment before.
 //!
 //! | method | calls |
 //! | --- | --- |
 //! | `put_api_key` | 1 `PutItem` |
-//! | `tenant_for_api_key` | 1 `GetItem` |
+//! | `tenant_for_api_key` | 1 `GetItem`; none for a key found within the cache time ([`DynamoStore::with_api_key_cache`]) |
 //! | `insert_subscription` | 1 `PutItem` (`attribute_not_exists`) |
 //! | `get_subscription` | 1 `GetItem` |
 //! | `list_subscriptions` | 1 `Query` on `list` (`Limit` = limit + 1) |
@@ -48,7 +50,7 @@
 //! | `insert_event`, generated event id, no idempotency key, 1 or more deliveries | ⌈n/25⌉ `BatchWriteItem` (deliveries) + 1 conditional `PutItem` (the event): no transaction, so half the write units |
 //! | `insert_event`, up to 98 deliveries (99 without an idempotency key) | 1 `TransactWriteItems` (event, key, deliveries); 1 conditional `PutItem` instead when the event is the only item. A repeat costs nothing more on AWS (the failed condition returns the old item); +1 `GetItem` where an emulator leaves it out |
 //! | `insert_event`, more deliveries | 1 `BatchGetItem` (is it a repeat?) + ⌈n/25⌉ `BatchWriteItem` (deliveries) + 1 `TransactWriteItems` (event + key; or `PutItem`); a repeat caught only by the last write adds ⌈n/25⌉ `BatchWriteItem` deleting the deliveries again |
-//! | `get_event` | 1 `GetItem` |
+//! | `get_event` | 1 `GetItem` (eventually consistent; a second, strong one on a miss) |
 //! | `get_delivery` | 1 `GetItem` |
 //! | `update_delivery` | 1 `PutItem` (version condition, `ALL_OLD` on failure) |
 //! | `list_deliveries` | 1 `Query` on `list` (keys) + 1 `BatchGetItem` per 100 items of the page |
@@ -75,7 +77,8 @@
 //! a repeat racing past that check deletes the deliveries it wrote.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use aws_config::BehaviorVersion;
 use aws_sdk_dynamodb::Client;
@@ -160,6 +163,35 @@ pub struct DynamoStore {
     client: Client,
     table: String,
     retention: Duration,
+    key_cache: Option<Arc<KeyCache>>,
+}
+
+/// API keys looked up lately, by hash: a warm function answers most requests without a read.
+#[derive(Debug)]
+struct KeyCache {
+    ttl: Duration,
+    entries: Mutex<HashMap<String, (TenantId, Instant)>>,
+}
+
+/// A bound on the cache's memory: past it the cache starts over.
+const MAX_CACHED_KEYS: usize = 10_000;
+
+impl KeyCache {
+    fn get(&self, key_hash: &str) -> Option<TenantId> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries
+            .get(key_hash)
+            .filter(|(_, at)| at.elapsed() < self.ttl)
+            .map(|(tenant, _)| tenant.clone())
+    }
+
+    fn put(&self, key_hash: &str, tenant: &TenantId) {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= MAX_CACHED_KEYS {
+            entries.clear();
+        }
+        entries.insert(key_hash.to_owned(), (tenant.clone(), Instant::now()));
+    }
 }
 
 impl DynamoStore {
@@ -168,7 +200,20 @@ impl DynamoStore {
             client,
             table: table.into(),
             retention: DEFAULT_RETENTION,
+            key_cache: None,
         }
+    }
+
+    /// Remembers each API key found for `ttl` (zero: never). Unknown keys are always read, so a
+    /// new key works at once; a revoked one keeps working for up to `ttl` in a warm function.
+    pub fn with_api_key_cache(mut self, ttl: Duration) -> Self {
+        self.key_cache = (!ttl.is_zero()).then(|| {
+            Arc::new(KeyCache {
+                ttl,
+                entries: Mutex::new(HashMap::new()),
+            })
+        });
+        self
     }
 
     /// How long events, deliveries and idempotency keys are kept (DynamoDB TTL).
@@ -303,12 +348,17 @@ impl DynamoStore {
     }
 
     async fn get_item(&self, pk: String) -> StoreResult<Option<Item>> {
+        self.get_item_read(pk, true).await
+    }
+
+    /// `consistent`: a strong read (1 read unit per 4 KB) or an eventually consistent one (half).
+    async fn get_item_read(&self, pk: String, consistent: bool) -> StoreResult<Option<Item>> {
         let out = self
             .client
             .get_item()
             .table_name(&self.table)
             .key(PK, AttributeValue::S(pk))
-            .consistent_read(true)
+            .consistent_read(consistent)
             .send()
             .await
             .map_err(StoreError::unavailable)?;
@@ -888,8 +938,15 @@ impl Store for DynamoStore {
     }
 
     async fn tenant_for_api_key(&self, key_hash: &str) -> StoreResult<Option<TenantId>> {
+        if let Some(tenant) = self.key_cache.as_ref().and_then(|c| c.get(key_hash)) {
+            return Ok(Some(tenant));
+        }
         let key: Option<ApiKeyRecord> = self.get_body(api_key_pk(key_hash), API_KEY).await?;
-        Ok(key.map(|k| k.tenant_id))
+        let tenant = key.map(|k| k.tenant_id);
+        if let (Some(cache), Some(tenant)) = (&self.key_cache, &tenant) {
+            cache.put(key_hash, tenant);
+        }
+        Ok(tenant)
     }
 
     async fn insert_subscription(&self, subscription: &Subscription) -> StoreResult<()> {
@@ -986,7 +1043,14 @@ impl Store for DynamoStore {
     }
 
     async fn get_event(&self, tenant: &TenantId, id: &EventId) -> StoreResult<Option<Event>> {
-        let stored: Option<StoredEvent> = self.get_body(event_pk(tenant, id), EVENT).await?;
+        // An event never changes once written, so an eventually consistent read (half the
+        // price) is right whenever it finds the item; only a miss is read again, strongly.
+        let pk = event_pk(tenant, id);
+        let item = match self.get_item_read(pk.clone(), false).await? {
+            Some(item) => Some(item),
+            None => self.get_item(pk).await?,
+        };
+        let stored: Option<StoredEvent> = item.map(|item| body(item, EVENT)).transpose()?;
         stored.map(Event::try_from).transpose()
     }
 

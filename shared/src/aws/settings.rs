@@ -21,6 +21,8 @@ use crate::sender::SenderConfig;
 /// | `TIDINGS_REQUEST_TIMEOUT` | no | `15s` | total time for one delivery request (connect: at most 5 s of it) |
 /// | `TIDINGS_SWEEP_GRACE` | no | `60s` | how long a queued delivery may wait before the sweep sends it again |
 /// | `TIDINGS_DELIVER_CONCURRENCY` | no | `16` | queue records the `deliver` function handles at once (≥ 1) |
+/// | `TIDINGS_RETENTION` | no | `30d` | how long DynamoDB keeps events, deliveries and idempotency keys (TTL) |
+/// | `TIDINGS_API_KEY_CACHE` | no | `30s` | how long a function remembers an API key it looked up (`0s`: never); a revoked key works this long in a warm function |
 ///
 /// An empty value counts as unset.
 #[derive(Debug, Clone)]
@@ -32,6 +34,8 @@ pub struct AwsSettings {
     pub request_timeout: Duration,
     pub sweep_grace: Duration,
     pub deliver_concurrency: usize,
+    pub retention: Duration,
+    pub api_key_cache: Duration,
 }
 
 pub const TABLE_VAR: &str = "TIDINGS_TABLE";
@@ -41,10 +45,15 @@ pub const ALLOW_CALLBACK_CIDRS_VAR: &str = "TIDINGS_ALLOW_CALLBACK_CIDRS";
 pub const REQUEST_TIMEOUT_VAR: &str = "TIDINGS_REQUEST_TIMEOUT";
 pub const SWEEP_GRACE_VAR: &str = "TIDINGS_SWEEP_GRACE";
 pub const DELIVER_CONCURRENCY_VAR: &str = "TIDINGS_DELIVER_CONCURRENCY";
+pub const RETENTION_VAR: &str = "TIDINGS_RETENTION";
+pub const API_KEY_CACHE_VAR: &str = "TIDINGS_API_KEY_CACHE";
 
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_SWEEP_GRACE: Duration = Duration::from_secs(60);
 pub const DEFAULT_DELIVER_CONCURRENCY: usize = 16;
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Saves a read per API request in a warm function (see docs/cost.md).
+pub const DEFAULT_API_KEY_CACHE: Duration = Duration::from_secs(30);
 /// A worker's lease outlives its request by this much.
 const LEASE_MARGIN: Duration = Duration::from_secs(15);
 
@@ -102,6 +111,11 @@ impl AwsSettings {
             }
             Ok(d)
         };
+        let api_key_cache = match get(API_KEY_CACHE_VAR) {
+            None => DEFAULT_API_KEY_CACHE,
+            Some(v) => humantime::parse_duration(v.trim())
+                .map_err(|e| ConfigError::invalid(API_KEY_CACHE_VAR, e))?,
+        };
         let retry_schedule = match get(RETRY_SCHEDULE_VAR) {
             None => RetrySchedule::default(),
             Some(v) => {
@@ -136,6 +150,8 @@ impl AwsSettings {
             request_timeout: duration(REQUEST_TIMEOUT_VAR, DEFAULT_REQUEST_TIMEOUT)?,
             sweep_grace: duration(SWEEP_GRACE_VAR, DEFAULT_SWEEP_GRACE)?,
             deliver_concurrency,
+            retention: duration(RETENTION_VAR, DEFAULT_RETENTION)?,
+            api_key_cache,
         })
     }
 
@@ -205,6 +221,8 @@ mod tests {
         assert_eq!(s.request_timeout, Duration::from_secs(15));
         assert_eq!(s.sweep_grace, Duration::from_secs(60));
         assert_eq!(s.deliver_concurrency, 16);
+        assert_eq!(s.retention, Duration::from_secs(30 * 24 * 3600));
+        assert_eq!(s.api_key_cache, Duration::from_secs(30));
         let app = s.app_config();
         assert_eq!(app.sweep_grace, Duration::from_secs(60));
         assert!(app.lease_duration > s.request_timeout);
@@ -221,6 +239,8 @@ mod tests {
             (REQUEST_TIMEOUT_VAR, "3s"),
             (SWEEP_GRACE_VAR, "2m"),
             (DELIVER_CONCURRENCY_VAR, "4"),
+            (RETENTION_VAR, "7d"),
+            (API_KEY_CACHE_VAR, "0s"),
         ])
         .unwrap();
         assert_eq!(s.retry_schedule.max_attempts(), 3);
@@ -229,6 +249,8 @@ mod tests {
         assert_eq!(s.sender_config().connect_timeout, Duration::from_secs(3));
         assert_eq!(s.sweep_grace, Duration::from_secs(120));
         assert_eq!(s.deliver_concurrency, 4);
+        assert_eq!(s.retention, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(s.api_key_cache, Duration::ZERO, "0s turns the cache off");
     }
 
     #[test]

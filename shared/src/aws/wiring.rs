@@ -14,7 +14,9 @@ pub type AwsApp = App<DynamoStore, SqsQueue, SystemClock>;
 /// (region, credentials and endpoints from the SDK's standard environment variables).
 pub async fn build_app(settings: &AwsSettings) -> AwsApp {
     let sdk = load_sdk_config().await;
-    let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), settings.table.clone());
+    let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), settings.table.clone())
+        .with_retention(settings.retention)
+        .with_api_key_cache(settings.api_key_cache);
     let queue = SqsQueue::new(
         aws_sdk_sqs::Client::new(&sdk),
         settings.deliveries_queue_url.clone(),
