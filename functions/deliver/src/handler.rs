@@ -34,6 +34,11 @@ pub fn queue_message(record: SqsMessage) -> QueueMessage {
     QueueMessage {
         message_id: record.message_id.unwrap_or_default(),
         body: record.body.unwrap_or_default(),
+        sent_at_ms: record
+            .attributes
+            .get("SentTimestamp")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_default(),
         attributes: record
             .message_attributes
             .into_iter()
@@ -70,6 +75,7 @@ mod tests {
         assert_eq!(m.body, r#"{"eventType":"order.created","data":{}}"#);
         assert_eq!(m.attributes.len(), 1, "binary attributes are dropped");
         assert_eq!(m.attributes["tenant"], "acme");
+        assert_eq!(m.sent_at_ms, 1_545_082_649_183);
     }
 
     #[test]

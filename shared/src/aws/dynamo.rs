@@ -47,7 +47,7 @@
 //! | `update_subscription` | 1 `PutItem` (`attribute_exists`) |
 //! | `delete_subscription` | 1 `DeleteItem` (`attribute_exists`) |
 //! | `tenant_subscriptions` | 1 `Query` on `list` |
-//! | `insert_event`, generated event id, no idempotency key, 1 or more deliveries | ⌈n/25⌉ `BatchWriteItem` (deliveries) + 1 conditional `PutItem` (the event): no transaction, so half the write units |
+//! | `insert_event`, no idempotency key, 1 or more deliveries | ⌈n/25⌉ `BatchWriteItem` (deliveries) + 1 conditional `PutItem` (the event): no transaction, so half the write units. A repeated event id adds ⌈n/25⌉ `BatchWriteItem` deleting this attempt's deliveries |
 //! | `insert_event`, up to 98 deliveries (99 without an idempotency key) | 1 `TransactWriteItems` (event, key, deliveries); 1 conditional `PutItem` instead when the event is the only item. A repeat costs nothing more on AWS (the failed condition returns the old item); +1 `GetItem` where an emulator leaves it out |
 //! | `insert_event`, more deliveries | 1 `BatchGetItem` (is it a repeat?) + ⌈n/25⌉ `BatchWriteItem` (deliveries) + 1 `TransactWriteItems` (event + key; or `PutItem`); a repeat caught only by the last write adds ⌈n/25⌉ `BatchWriteItem` deleting the deliveries again |
 //! | `get_event` | 1 `GetItem` (eventually consistent; a second, strong one on a miss) |
@@ -64,17 +64,18 @@
 //!
 //! # Deliveries first: large fan-out and generated ids
 //!
-//! `TransactWriteItems` takes at most 100 items, and bills every item twice. An event with more
-//! deliveries, and an event whose id was generated for this publish and has no idempotency key
-//! (nothing can repeat it, so there is nothing for a transaction to guard), write the
-//! deliveries first (`BatchWriteItem`, unconditional) and the event with its idempotency key last,
-//! in one transaction or one conditional `PutItem`. The event becomes visible only when all its deliveries exist, so an
+//! `TransactWriteItems` takes at most 100 items, and bills every item twice. An event without an
+//! idempotency key (its own id is the only thing to guard, and a conditional `PutItem` does
+//! that), and an event with more deliveries than a transaction holds, write the deliveries first
+//! (`BatchWriteItem`, unconditional) and the event with its idempotency key last, in one
+//! conditional `PutItem` or one transaction. The event becomes visible only when all its deliveries exist, so an
 //! accepted event never misses a delivery. The price: should the process die between the two
 //! steps, the deliveries stay without an accepted event. The producer got no answer and
 //! publishes again; the orphans then either fail visibly ("event not found") or, where the retry
 //! reused the event id, are sent in addition to the retry's own deliveries: at least once, never
-//! lost. A repeat of an already accepted event is caught before writing (one `BatchGetItem`), and
-//! a repeat racing past that check deletes the deliveries it wrote.
+//! lost. With an idempotency key, a repeat of an already accepted event is caught before writing
+//! (one `BatchGetItem`); without one, and for a repeat racing past that check, the event's
+//! failed condition tells, and the repeat deletes the deliveries it wrote.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -1029,9 +1030,11 @@ impl Store for DynamoStore {
             .iter()
             .map(|d| self.delivery_item(d))
             .collect::<StoreResult<Vec<_>>>()?;
-        if new.fresh_id && new.idempotency_key.is_none() && !deliveries.is_empty() {
-            // Nothing can repeat a generated id, so nothing needs the transaction (which doubles
-            // every item's write units): the deliveries, then the event (module docs).
+        if new.idempotency_key.is_none() && !deliveries.is_empty() {
+            // No key to write with the event, so no transaction (which doubles every item's
+            // write units): the deliveries, then the event on its own condition (module docs).
+            // A generated id cannot repeat; a producer's can, rarely, and then the repeat's
+            // deliveries are taken back, which costs less than a check before every publish.
             return self.insert_deliveries_first(new, deliveries, false).await;
         }
         let room = MAX_TRANSACTION_ITEMS - 1 - usize::from(new.idempotency_key.is_some());

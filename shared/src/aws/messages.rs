@@ -9,9 +9,10 @@
 //! | delivery job (from [`SqsQueue`](super::sqs::SqsQueue)) | `tidings-kind` = `delivery-job` | `{"tenantId":"…","deliveryId":"dlv_…"}` |
 //! | producer event (the "events" queue) | no `tidings-kind`; `tenant` (required); `idempotency-key` (optional) | the `POST /events` JSON: `{"eventType","data","eventId"?,"occurredAt"?}` |
 //!
-//! A producer event without `idempotency-key` is deduplicated by its `eventId`, if it has one, and
-//! otherwise by its SQS message id (`sqs:<messageId>`), so SQS's own redeliveries of one message
-//! never publish twice. A record that cannot be handled is reported back (so it
+//! A producer event without `idempotency-key` is deduplicated by its `eventId`. Without one, its
+//! event id is derived from the SQS message id and send time ([`EventId::for_message`]), so SQS's
+//! own redeliveries of one message name the same event and never publish twice, and the store
+//! needs no separate idempotency item (a transaction's worth of writes) to tell. A record that cannot be handled is reported back (so it
 //! returns to its queue, and the queue's redrive policy moves a malformed one to the DLQ after
 //! `maxReceiveCount` receives); it never affects the other records.
 
@@ -24,7 +25,7 @@ use super::concurrency::join_bounded;
 use crate::api::Problem;
 use crate::api::body::parse_publish;
 use crate::app::{App, AppError, DeliverOutcome, PublishRequest, Published};
-use crate::domain::{IdError, TenantId};
+use crate::domain::{EventId, IdError, TenantId};
 use crate::ports::{Clock, DeliveryJob, DeliveryQueue, Store, StoreError};
 use crate::sender::HttpSender;
 
@@ -44,6 +45,9 @@ pub struct QueueMessage {
     pub body: String,
     /// The message attributes with a string value.
     pub attributes: HashMap<String, String>,
+    /// When the queue received the message (SQS's `SentTimestamp`, epoch milliseconds; 0 when
+    /// unknown): the time part of an event id derived from the message.
+    pub sent_at_ms: u64,
 }
 
 /// What a record asks for.
@@ -97,15 +101,15 @@ impl Message {
                     .get(TENANT_ATTRIBUTE)
                     .ok_or(MessageError::MissingTenant)?;
                 let tenant = TenantId::parse(tenant).map_err(MessageError::BadTenant)?;
-                let request =
+                let mut request =
                     parse_publish(message.body.as_bytes()).map_err(MessageError::BadEvent)?;
-                let idempotency_key = match message.attributes.get(IDEMPOTENCY_KEY_ATTRIBUTE) {
-                    Some(key) => Some(key.clone()),
-                    None if request.event_id.is_none() => {
-                        Some(format!("sqs:{}", message.message_id))
-                    }
-                    None => None,
-                };
+                let idempotency_key = message.attributes.get(IDEMPOTENCY_KEY_ATTRIBUTE).cloned();
+                if idempotency_key.is_none() && request.event_id.is_none() {
+                    request.event_id = Some(EventId::for_message(
+                        message.sent_at_ms,
+                        &message.message_id,
+                    ));
+                }
                 Ok(Self::Publish {
                     tenant,
                     request,
@@ -496,6 +500,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            sent_at_ms: 1_764_000_000_000,
         }
     }
 
@@ -543,12 +548,21 @@ mod tests {
             }
             other => panic!("expected an event, got {other:?}"),
         }
-        // Without a key or an eventId, SQS redeliveries of one message dedupe on its message id.
+        // Without a key or an eventId, the event id comes from the message: every receive of
+        // it publishes the same event.
         let m = event_message("m3", ORDER, &[("tenant", "acme")]);
         match Message::parse(&m).unwrap() {
             Message::Publish {
-                idempotency_key, ..
-            } => assert_eq!(idempotency_key.as_deref(), Some("sqs:m3")),
+                idempotency_key,
+                request,
+                ..
+            } => {
+                assert_eq!(idempotency_key, None);
+                assert_eq!(
+                    request.event_id,
+                    Some(EventId::for_message(m.sent_at_ms, "m3"))
+                );
+            }
             other => panic!("expected an event, got {other:?}"),
         }
         let with_id = event_message(

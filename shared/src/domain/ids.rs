@@ -83,6 +83,19 @@ impl EventId {
         ))
     }
 
+    /// The id of an event a queue message publishes without an `eventId`: a ULID whose time is
+    /// the message's send time and whose random part is a hash of the message id, so every
+    /// receive of the one message names the same event (and the store's check on the event id
+    /// makes SQS's redeliveries publish once).
+    pub fn for_message(sent_at_ms: u64, message_id: &str) -> Self {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(message_id.as_bytes());
+        let mut random = [0u8; 16];
+        random[6..].copy_from_slice(&digest[..10]);
+        let ulid = ulid::Ulid::from_parts(sent_at_ms, u128::from_be_bytes(random));
+        Self(format!("evt_{}", ulid.to_string().to_ascii_lowercase()))
+    }
+
     pub fn parse(s: &str) -> Result<Self, IdError> {
         if s.is_empty() || s.len() > 128 {
             return Err(IdError("must be 1 to 128 characters".into()));
@@ -170,6 +183,27 @@ mod tests {
         let evt = EventId::generate();
         assert!(evt.as_str().starts_with("evt_"));
         assert_eq!(EventId::parse(evt.as_str()).unwrap(), evt);
+    }
+
+    #[test]
+    fn a_message_names_one_event_however_often_it_is_received() {
+        let sent = 1_764_000_000_000;
+        let id = EventId::for_message(sent, "059f36b4-87a3-44ab-83d2-661975830a7d");
+        assert_eq!(
+            id,
+            EventId::for_message(sent, "059f36b4-87a3-44ab-83d2-661975830a7d")
+        );
+        assert_ne!(
+            id,
+            EventId::for_message(sent, "059f36b4-87a3-44ab-83d2-661975830a7e")
+        );
+        assert_eq!(EventId::parse(id.as_str()).unwrap(), id);
+        let ulid = ulid::Ulid::from_string(id.as_str().strip_prefix("evt_").unwrap()).unwrap();
+        assert_eq!(
+            ulid.timestamp_ms(),
+            sent,
+            "the ULID's time is the send time"
+        );
     }
 
     #[test]
