@@ -1,6 +1,10 @@
 //! `tidings-deliver`: handles the records of the deliveries and events queues (see
 //! `tidings_core::aws::messages`) and reports the ones that must come back.
 
+// The whole use case (store, queue, HTTP) is one future type under `main`; in release builds its
+// layout needs more than rustc's default query depth of 128.
+#![recursion_limit = "256"]
+
 mod handler;
 
 use lambda_runtime::{Error, LambdaEvent, service_fn};

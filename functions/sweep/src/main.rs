@@ -1,6 +1,10 @@
 //! `tidings-sweep`: run by a schedule (any event is accepted); sweeps due deliveries in rounds
 //! until the backlog is drained or the invocation's time is nearly up.
 
+// The whole use case (store, queue, HTTP) is one future type under `main`; in release builds its
+// layout needs more than rustc's default query depth of 128.
+#![recursion_limit = "256"]
+
 mod handler;
 
 use lambda_runtime::{Error, LambdaEvent, service_fn};
