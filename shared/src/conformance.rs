@@ -182,6 +182,22 @@ pub async fn save<S: Store>(store: &S, current: &Delivery, mut next: Delivery) -
     next
 }
 
+/// The first page (up to 10) of a subscription's deliveries.
+async fn first_page<S: Store>(store: &S, tenant: &TenantId, sub: &SubscriptionId) -> Vec<Delivery> {
+    store
+        .list_deliveries(
+            tenant,
+            sub,
+            &PageRequest {
+                limit: 10,
+                after: None,
+            },
+        )
+        .await
+        .expect("list deliveries")
+        .items
+}
+
 async fn insert_all<S: Store>(store: &S, subscriptions: &[&Subscription]) {
     for s in subscriptions {
         store
@@ -564,19 +580,9 @@ pub async fn known_idempotency_key_returns_first_event<S: Store>(store: &S) {
         store.get_event(&a, &first.event.id).await.unwrap(),
         Some(first.event.clone())
     );
-    let listed = store
-        .list_deliveries(
-            &a,
-            &s.id,
-            &PageRequest {
-                limit: 10,
-                after: None,
-            },
-        )
-        .await
-        .unwrap();
     assert_eq!(
-        listed.items, first.deliveries,
+        first_page(store, &a, &s.id).await,
+        first.deliveries,
         "no second set of deliveries"
     );
 
@@ -693,18 +699,7 @@ pub async fn deliveries_are_written_with_their_event<S: Store>(store: &S) {
             Some(d)
         );
         assert!(due.contains(&d.id), "{} is due", d.id);
-        let listed = store
-            .list_deliveries(
-                &f,
-                &s.id,
-                &PageRequest {
-                    limit: 10,
-                    after: None,
-                },
-            )
-            .await
-            .unwrap();
-        assert_eq!(listed.items, vec![d.clone()]);
+        assert_eq!(first_page(store, &f, &s.id).await, vec![d.clone()]);
     }
 
     let new = new_event(&a, &[&s1, &s2, &s3], ts(10), r#"{"id":7}"#);

@@ -140,6 +140,15 @@ impl Drop for AwsLocal {
     }
 }
 
+/// A String message attribute.
+fn attr(value: &str) -> aws_sdk_sqs::types::MessageAttributeValue {
+    aws_sdk_sqs::types::MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value(value)
+        .build()
+        .unwrap()
+}
+
 fn verify(secret: &str, r: &tidings_tests::Received) {
     r.verify(secret).expect("valid signature");
 }
@@ -224,13 +233,6 @@ async fn an_event_sent_by_a_plain_sqs_producer_is_delivered() {
         .api
         .subscribe(&receiver.url("/sqs"), &["invoice.paid"])
         .await;
-    let attr = |v: &str| {
-        aws_sdk_sqs::types::MessageAttributeValue::builder()
-            .data_type("String")
-            .string_value(v)
-            .build()
-            .unwrap()
-    };
     aws.sqs
         .send_message()
         .queue_url(aws.url("eventsQueueUrl"))
@@ -314,11 +316,7 @@ async fn the_same_job_message_twice_is_one_logical_delivery() {
         .await;
     // SQS is at-least-once: replay the job message, twice at once.
     let job = json!({"tenantId": "t1", "deliveryId": delivery_id}).to_string();
-    let kind = aws_sdk_sqs::types::MessageAttributeValue::builder()
-        .data_type("String")
-        .string_value("delivery-job")
-        .build()
-        .unwrap();
+    let kind = attr("delivery-job");
     for _ in 0..2 {
         aws.sqs
             .send_message()
@@ -357,11 +355,7 @@ async fn a_malformed_record_ends_in_the_dlq_and_the_rest_of_the_batch_succeeds()
     let aws = AwsLocal::start().await;
     let receiver = TestReceiver::start().await;
     aws.api.subscribe(&receiver.url("/batch"), &["*"]).await;
-    let tenant = aws_sdk_sqs::types::MessageAttributeValue::builder()
-        .data_type("String")
-        .string_value("t1")
-        .build()
-        .unwrap();
+    let tenant = attr("t1");
     let mut batch = aws
         .sqs
         .send_message_batch()
@@ -596,13 +590,6 @@ async fn the_cost_of_a_delivery_is_measured_on_the_wire() {
         "two attempts per event"
     );
 
-    let attr = |v: &str| {
-        aws_sdk_sqs::types::MessageAttributeValue::builder()
-            .data_type("String")
-            .string_value(v)
-            .build()
-            .unwrap()
-    };
     let queued = aws
         .measure(N as u64, async || {
             let entries: Vec<_> = (0..N)
