@@ -652,11 +652,13 @@ async fn the_cost_of_a_delivery_is_measured_on_the_wire() {
     }
 
     // The budget docs/cost.md states, per delivery: a change that adds a DynamoDB call or unit
-    // fails here. (Calls count without the emulator's retried errors.)
+    // per delivery fails here. The half unit of slack absorbs the rare SQS duplicate or cold
+    // function (a re-received message costs a read or a failed condition); calls count without
+    // the emulator's retried errors.
     for (name, usage, calls, write_units, read_units) in [
-        ("first attempt", &first, 9.0, 7.0, 3.5),
-        ("retried once", &retried, 14.0, 11.0, 6.0),
-        ("via the events queue", &queued, 8.0, 7.0, 3.0),
+        ("first attempt", &first, 8.5, 7.5, 3.5),
+        ("retried once", &retried, 13.5, 11.5, 6.0),
+        ("via the events queue", &queued, 8.5, 7.5, 3.5),
     ] {
         let d = service_total(usage, "dynamodb", &[API, DELIVER, SWEEP]);
         let per = |x: f64| x / N as f64;
