@@ -682,8 +682,10 @@ mod tests {
             event_message("2", with_id, &[("tenant", "acme")]),
             event_message("3", ORDER, &[("tenant", "acme"), ("idempotency-key", "k")]),
             event_message("4", ORDER, &[("tenant", "acme"), ("idempotency-key", "k")]),
-            // No key and no eventId: two SQS messages are two events (the message id is no key).
+            // No key and no eventId: two SQS messages are two events, and SQS's redelivery of
+            // one message (same id, same send time) is the same event.
             event_message("5", ORDER, &[("tenant", "acme")]),
+            event_message("6", ORDER, &[("tenant", "acme")]),
             event_message("6", ORDER, &[("tenant", "acme")]),
         ];
         // One at a time, so the duplicates see the first insert.
