@@ -246,6 +246,8 @@ async fn the_stand_in_plays_lambda_api_gateway_sqs_and_the_schedule() {
         .send()
         .await
         .unwrap();
+    // One at a time: received in one batch, the crash would end the process before the hang
+    // ran, and there would be one restart where the test wants two.
     for body in ["crash", "hang"] {
         sqs.send_message()
             .queue_url(&info.deliveries_queue_url)
@@ -253,6 +255,10 @@ async fn the_stand_in_plays_lambda_api_gateway_sqs_and_the_schedule() {
             .send()
             .await
             .unwrap();
+        eventually(&format!("{body} received"), Duration::from_secs(20), || {
+            (!records(&read_log(&log_path), body).is_empty()).then_some(())
+        })
+        .await;
     }
     let log = eventually(
         "crash and hang redelivered after their process died",
