@@ -58,7 +58,6 @@ fn template() -> NewEvent {
         event,
         deliveries: vec![delivery],
         idempotency_key: None,
-        fresh_id: true,
     }
 }
 

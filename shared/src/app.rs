@@ -387,7 +387,6 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             ));
         }
         let now = self.clock.now();
-        let fresh_id = request.event_id.is_none();
         let event = Event {
             id: request.event_id.unwrap_or_else(EventId::generate),
             tenant_id: tenant.clone(),
@@ -416,7 +415,6 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             event,
             deliveries,
             idempotency_key,
-            fresh_id,
         };
         match self.store.insert_event(&new).await? {
             InsertOutcome::Existing(event_id) => Ok(Accepted {

@@ -52,9 +52,6 @@ pub struct NewEvent {
     pub deliveries: Vec<Delivery>,
     /// The producer's `Idempotency-Key`; the event id itself is always unique per tenant too.
     pub idempotency_key: Option<String>,
-    /// The event id was generated for this publish (not given by the producer), so no earlier
-    /// event can have it: a store may skip guarding against a repeat when there is no key either.
-    pub fresh_id: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

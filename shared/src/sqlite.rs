@@ -9,9 +9,10 @@
 //! Reads run on the caller's thread, on a read-only connection taken from a small pool (WAL lets
 //! them read while the writer commits): a read of a cached page takes microseconds, less than the
 //! two thread hand-offs it used to cost (the profile of the burst benchmark showed the reader
-//! thread's wake-ups among the largest costs). A second thread copies the WAL into the database file (a checkpoint, with its own
-//! fsync of that file) while the writer goes on committing, instead of the writer doing it inside
-//! every thousandth commit with everyone in that batch waiting.
+//! thread's wake-ups among the largest costs). A second thread copies the WAL into the database
+//! file (a checkpoint, with its own fsync of that file) while the writer goes on committing,
+//! instead of the writer doing it inside every thousandth commit with everyone in that batch
+//! waiting.
 //!
 //! Group commit: the writer takes every write already queued (up to [`MAX_BATCH`]), runs each in
 //! its own SAVEPOINT inside one transaction, and commits once: one WAL sync for the whole batch,
@@ -267,7 +268,7 @@ impl SqliteStore {
             .map_err(StoreError::unavailable)?;
         Self::start(
             writer,
-            Some(FileThreads {
+            Some(FileConnections {
                 readers,
                 checkpointer,
             }),
@@ -281,7 +282,7 @@ impl SqliteStore {
         Self::start(init(conn)?, None)
     }
 
-    fn start(writer: Connection, file: Option<FileThreads>) -> Result<Self, StoreError> {
+    fn start(writer: Connection, file: Option<FileConnections>) -> Result<Self, StoreError> {
         let stats = Arc::new(Stats::default());
         let (writer_tx, writer_rx) = mpsc::channel();
         let mut inner = Inner {
@@ -293,7 +294,7 @@ impl SqliteStore {
         };
         // From here on, dropping `inner` on an error stops whatever was started.
         let wake_checkpointer = match file {
-            Some(FileThreads {
+            Some(FileConnections {
                 readers,
                 checkpointer,
             }) => {
@@ -407,7 +408,7 @@ impl SqliteStore {
 }
 
 /// The connections a file-backed store has besides the writer's.
-struct FileThreads {
+struct FileConnections {
     readers: ReaderPool,
     checkpointer: Connection,
 }

@@ -478,13 +478,8 @@ impl AwsLocal {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let usage = self.meter().await;
-            let sent: u64 = [API, DELIVER, SWEEP]
-                .iter()
-                .filter_map(|caller| usage.get(*caller))
-                .flat_map(|ops| ops.iter())
-                .filter(|(op, _)| op.starts_with("sqs.SendMessage"))
-                .map(|(_, u)| u.messages)
-                .sum();
+            // The functions only send: their SQS messages are the jobs they sent.
+            let sent = service_total(&usage, "sqs", &[API, DELIVER, SWEEP]).messages;
             let deleted = usage
                 .get(EVENT_SOURCE_MAPPING)
                 .and_then(|ops| ops.get("sqs.DeleteMessageBatch"))

@@ -62,20 +62,20 @@
 //! Index writes per delivery write: `list` only when the delivery is created (keys only);
 //! `due` when `due_at` changes (a changed key is a delete plus a put in the index).
 //!
-//! # Deliveries first: large fan-out and generated ids
+//! # Deliveries first: events without a key, and large fan-out
 //!
 //! `TransactWriteItems` takes at most 100 items, and bills every item twice. An event without an
-//! idempotency key (its own id is the only thing to guard, and a conditional `PutItem` does
-//! that), and an event with more deliveries than a transaction holds, write the deliveries first
+//! idempotency key (its own id is the only thing to guard, and a conditional `PutItem` does that),
+//! and an event with more deliveries than a transaction holds, write the deliveries first
 //! (`BatchWriteItem`, unconditional) and the event with its idempotency key last, in one
-//! conditional `PutItem` or one transaction. The event becomes visible only when all its deliveries exist, so an
-//! accepted event never misses a delivery. The price: should the process die between the two
-//! steps, the deliveries stay without an accepted event. The producer got no answer and
+//! conditional `PutItem` or one transaction. The event becomes visible only when all its deliveries
+//! exist, so an accepted event never misses a delivery. The price: should the process die between
+//! the two steps, the deliveries stay without an accepted event. The producer got no answer and
 //! publishes again; the orphans then either fail visibly ("event not found") or, where the retry
 //! reused the event id, are sent in addition to the retry's own deliveries: at least once, never
 //! lost. With an idempotency key, a repeat of an already accepted event is caught before writing
-//! (one `BatchGetItem`); without one, and for a repeat racing past that check, the event's
-//! failed condition tells, and the repeat deletes the deliveries it wrote.
+//! (one `BatchGetItem`); without one, and for a repeat racing past that check, the event's failed
+//! condition tells, and the repeat deletes the deliveries it wrote.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -612,16 +612,17 @@ impl DynamoStore {
         Ok(())
     }
 
-    /// Deliveries first, then the event (module docs): for more deliveries than a transaction
-    /// holds, and for a generated event id without a key. `check_repeat` first looks whether the
-    /// event id or key is known, so a repeat writes nothing.
+    /// Deliveries first, then the event (module docs): for an event without an idempotency key,
+    /// and for more deliveries than a transaction holds. With a key, a known key or event id is
+    /// looked up first, so a repeat writes nothing.
     async fn insert_deliveries_first(
         &self,
         new: &NewEvent,
         deliveries: Vec<Item>,
-        check_repeat: bool,
     ) -> StoreResult<InsertOutcome> {
-        if check_repeat && let Some(existing) = self.already_published(new).await? {
+        if new.idempotency_key.is_some()
+            && let Some(existing) = self.already_published(new).await?
+        {
             return Ok(InsertOutcome::Existing(existing));
         }
         let keys: Vec<String> = new
@@ -1035,13 +1036,13 @@ impl Store for DynamoStore {
             // write units): the deliveries, then the event on its own condition (module docs).
             // A generated id cannot repeat; a producer's can, rarely, and then the repeat's
             // deliveries are taken back, which costs less than a check before every publish.
-            return self.insert_deliveries_first(new, deliveries, false).await;
+            return self.insert_deliveries_first(new, deliveries).await;
         }
         let room = MAX_TRANSACTION_ITEMS - 1 - usize::from(new.idempotency_key.is_some());
         if deliveries.len() <= room {
             self.write_new_event(new, deliveries).await
         } else {
-            self.insert_deliveries_first(new, deliveries, true).await
+            self.insert_deliveries_first(new, deliveries).await
         }
     }
 

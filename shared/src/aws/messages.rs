@@ -11,10 +11,10 @@
 //!
 //! A producer event without `idempotency-key` is deduplicated by its `eventId`. Without one, its
 //! event id is derived from the SQS message id and send time ([`EventId::for_message`]), so SQS's
-//! own redeliveries of one message name the same event and never publish twice, and the store
-//! needs no separate idempotency item (a transaction's worth of writes) to tell. A record that cannot be handled is reported back (so it
-//! returns to its queue, and the queue's redrive policy moves a malformed one to the DLQ after
-//! `maxReceiveCount` receives); it never affects the other records.
+//! own redeliveries of one message name the same event and never publish twice, and the store needs
+//! no separate idempotency item (a transaction's worth of writes) to tell. A record that cannot be
+//! handled is reported back (so it returns to its queue, and the queue's redrive policy moves a
+//! malformed one to the DLQ after `maxReceiveCount` receives); it never affects the other records.
 
 use std::collections::HashMap;
 use std::time::Duration;

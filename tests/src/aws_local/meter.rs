@@ -189,13 +189,16 @@ impl Meter {
         Some(schema)
     }
 
-    /// The items the writes are about to replace or delete, by the write's position.
-    async fn items_before(&self, headers: &HeaderMap, writes: &[Write]) -> HashMap<usize, Item> {
+    /// The items the writes are about to replace or delete, by the write's position, and the
+    /// schemas of the tables they write.
+    async fn items_before(&self, headers: &HeaderMap, writes: &[Write]) -> WriteContext {
         let mut before = HashMap::new();
+        let mut schemas = HashMap::new();
         for (i, write) in writes.iter().enumerate() {
             let Some(schema) = self.schema(headers, &write.table).await else {
                 continue;
             };
+            schemas.insert(write.table.clone(), Arc::clone(&schema));
             let key = schema.key_of(write.key_source());
             let got = self
                 .dynamo(
@@ -210,9 +213,13 @@ impl Meter {
                 before.insert(i, item);
             }
         }
-        before
+        (before, schemas)
     }
 }
+
+/// What computing a write's units needs: the items before it (by the write's position) and the
+/// tables' schemas.
+type WriteContext = (HashMap<usize, Item>, HashMap<String, Arc<TableSchema>>);
 
 async fn forward(
     State((meter, caller)): State<(Arc<Meter>, Arc<str>)>,
@@ -238,8 +245,8 @@ async fn forward(
         Some(op) => Write::of_request(op, &request_json),
         None => Vec::new(),
     };
-    let before = if writes.is_empty() {
-        HashMap::new()
+    let (before, schemas) = if writes.is_empty() {
+        (HashMap::new(), HashMap::new())
     } else {
         meter.items_before(&parts.headers, &writes).await
     };
@@ -276,12 +283,6 @@ async fn forward(
         tracing::info!(%caller, %target, %status, error, "meter: the emulator answered with an error");
     }
     if let Some(op) = dynamo_op {
-        let mut schemas = HashMap::new();
-        for write in &writes {
-            if let Some(schema) = meter.schema(&parts.headers, &write.table).await {
-                schemas.insert(write.table.clone(), schema);
-            }
-        }
         let usage = dynamo_usage(
             op,
             &request_json,
