@@ -88,6 +88,7 @@ fn subscriptions() -> Vec<Subscription> {
                 },
                 created_at: now,
                 updated_at: now,
+                version: 0,
             }
         })
         .collect()

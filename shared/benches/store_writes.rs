@@ -18,11 +18,9 @@ use criterion::{
 };
 use serde_json::value::RawValue;
 use tidings_core::domain::{
-    Attempt, Delivery, DeliveryId, DeliveryStatus, Event, EventId, EventType, SubscriptionId,
-    TenantId, Timestamp,
+    Delivery, Event, EventId, EventType, SubscriptionId, TenantId, Timestamp,
 };
 use tidings_core::ports::{InsertOutcome, NewEvent, Store};
-use tidings_core::retry::AttemptClass;
 use tidings_core::sqlite::SqliteStore;
 use tokio::runtime::Runtime;
 
@@ -46,12 +44,14 @@ fn template() -> NewEvent {
         occurred_at: now,
         data: RawValue::from_string(data).expect("JSON"),
         received_at: now,
+        fingerprint: String::new(),
     };
     let delivery = Delivery::new(
         tenant,
         event.id.clone(),
         SubscriptionId::generate(),
         now,
+        Duration::ZERO,
         GRACE,
     );
     NewEvent {
@@ -61,34 +61,40 @@ fn template() -> NewEvent {
     }
 }
 
-/// The template under new event and delivery ids.
+/// The template under a new event id (and so new delivery ids).
 fn fresh(template: &NewEvent) -> NewEvent {
     let mut new = template.clone();
     new.event.id = EventId::generate();
-    for d in &mut new.deliveries {
-        d.id = DeliveryId::generate();
-        d.event_id = new.event.id.clone();
-    }
+    new.deliveries = new
+        .deliveries
+        .iter()
+        .map(|d| {
+            Delivery::new(
+                d.tenant_id().clone(),
+                new.event.id.clone(),
+                d.subscription_id().clone(),
+                d.created_at(),
+                Duration::ZERO,
+                GRACE,
+            )
+        })
+        .collect();
     new
 }
 
-/// A successful delivery's two writes: the lease, then the outcome.
-fn lease_and_outcome(pending: &Delivery) -> [Delivery; 2] {
-    let now = pending.created_at;
-    let leased = pending
-        .leased(now, "lease-token-0123456789".to_owned(), LEASE)
-        .expect("leasable");
-    let attempt = Attempt {
-        number: 1,
-        started_at: now,
-        latency_ms: 12,
-        outcome: AttemptClass::Delivered,
-        status_code: Some(200),
-        error: None,
-        response_snippet: Some(r#"{"ok":true}"#.to_owned()),
-    };
-    let done = leased.with_attempt(attempt, DeliveryStatus::Succeeded, None, None, now);
-    [leased, done]
+/// The next state of a delivery in a busy worker's life: leased, then released again (as when
+/// its event is not there yet), alternately. Every write is version-checked like a real one.
+fn next_state(current: &Delivery, i: u64) -> Delivery {
+    let now = current
+        .created_at()
+        .saturating_add(Duration::from_millis(i + 1));
+    if current.current_lease().is_some() {
+        current.postponed(now, now)
+    } else {
+        current
+            .leased(now, "lease-token-0123456789".to_owned(), LEASE)
+            .expect("leasable")
+    }
 }
 
 fn runtime() -> Runtime {
@@ -138,17 +144,21 @@ fn store_writes(c: &mut Criterion) {
                 let new = fresh(&template);
                 async move {
                     store.insert_event(&new).await.expect("insert_event");
-                    let states = lease_and_outcome(&new.deliveries[0]);
-                    let mut version = new.deliveries[0].version;
+                    let mut current = new.deliveries[0].clone();
+                    let states: Vec<Delivery> = (0..iters)
+                        .map(|i| {
+                            current = next_state(&current, i);
+                            current.clone()
+                        })
+                        .collect();
+                    let mut version = new.deliveries[0].version();
                     let start = Instant::now();
-                    for i in 0..iters {
-                        let mut next = states[(i % 2) as usize].clone();
-                        next.version = version + 1;
+                    for next in &states {
                         store
-                            .update_delivery(&next, version)
+                            .update_delivery(next, version)
                             .await
                             .expect("update_delivery");
-                        version = next.version;
+                        version = next.version();
                     }
                     start.elapsed()
                 }

@@ -11,14 +11,14 @@ use sha2::{Digest as _, Sha256};
 
 use crate::domain::{
     ApiKeyRecord, Attempt, CallbackUrl, Delivery, DeliveryId, DeliveryStatus, Event, EventId,
-    EventType, EventTypePattern, NotLeasable, Secret, Subscription, SubscriptionId,
-    SubscriptionStatus, TenantId, Timestamp,
+    EventType, EventTypePattern, FollowUp, NotLeasable, NotResendable, RetryPlan, Secret,
+    Subscription, SubscriptionId, SubscriptionStatus, TenantId, Timestamp,
 };
 use crate::ports::{
     Clock, DeliveryJob, DeliveryQueue, InsertOutcome, NewEvent, Page, PageRequest, Store,
     StoreError,
 };
-use crate::retry::{self, AttemptClass, NextStep, RetrySchedule};
+use crate::retry::{self, AttemptClass, RetrySchedule};
 use crate::sender::{HttpSender, OutboundRequest, SendOutcome, TransportFailure};
 use crate::signing;
 
@@ -29,6 +29,12 @@ pub const MAX_DESCRIPTION_LEN: usize = 1024;
 pub const MAX_EVENT_TYPES_PER_SUBSCRIPTION: usize = 100;
 pub const MAX_PAGE_LIMIT: u32 = 250;
 pub const DEFAULT_PAGE_LIMIT: u32 = 50;
+/// Why a delivery is held.
+const PAUSED: &str = "subscription is paused";
+
+/// How often a use case re-reads and re-applies a change that lost a version-checked write to
+/// a concurrent one before answering 409.
+const MAX_WRITE_RACES: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct AppConfig {
@@ -40,6 +46,23 @@ pub struct AppConfig {
     pub lease_duration: Duration,
     /// Deliveries the sweep handles per run.
     pub sweep_batch: u32,
+}
+
+impl AppConfig {
+    /// The delay before a new delivery's first attempt: the schedule's first entry.
+    pub fn first_delay(&self) -> Duration {
+        self.schedule.delays().first().copied().unwrap_or_default()
+    }
+
+    fn retry_plan(&self, max_queue_delay: Duration) -> RetryPlan<'_> {
+        RetryPlan {
+            schedule: &self.schedule,
+            jitter_ratio: self.jitter_ratio,
+            jitter_unit: rand::rng().random::<f64>(),
+            sweep_grace: self.sweep_grace,
+            max_queue_delay,
+        }
+    }
 }
 
 impl Default for AppConfig {
@@ -65,6 +88,9 @@ pub enum AppError {
     },
     #[error("{0}")]
     Conflict(String),
+    /// The same idempotency key (or event id) with another body.
+    #[error("{0}")]
+    IdempotencyMismatch(String),
     #[error(transparent)]
     Store(StoreError),
 }
@@ -149,13 +175,15 @@ pub struct SweepReport {
     pub enqueued: usize,
     /// Found due but under a live lease: a worker is on it, so the sweep left it alone.
     pub in_flight: usize,
+    /// Of those, the ones now due only after their lease (out of the way of work behind them).
+    pub deferred: usize,
 }
 
 impl SweepReport {
-    /// Whether another round may find more: this one was full and made progress (a batch that
-    /// only met deliveries in flight would meet them again).
+    /// Whether another round may find more: this one was full and moved something on (in-flight
+    /// deliveries it met are deferred past their leases, so the next round reads past them).
     pub fn more_may_be_due(&self, batch: u32) -> bool {
-        self.found >= batch as usize && self.enqueued > 0
+        self.found >= batch as usize && (self.enqueued > 0 || self.deferred > 0)
     }
 }
 
@@ -171,6 +199,37 @@ pub fn random_secret_text() -> String {
     let mut bytes = [0u8; 24];
     rand::rng().fill_bytes(&mut bytes);
     URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The job that asks a worker to attempt `delivery`.
+fn job_for(delivery: &Delivery) -> DeliveryJob {
+    DeliveryJob {
+        tenant_id: delivery.tenant_id().clone(),
+        delivery_id: delivery.id().clone(),
+    }
+}
+
+/// What identifies a publish request's body: the type, the data bytes, and the fields the
+/// producer chose (a default `occurredAt` is the time of receipt, which a retry changes).
+pub fn publish_fingerprint(request: &PublishRequest) -> String {
+    let mut hash = Sha256::new();
+    let occurred_at = request.occurred_at.map(|t| t.to_string());
+    for part in [
+        Some(request.event_type.as_str()),
+        Some(request.data.get()),
+        request.event_id.as_ref().map(EventId::as_str),
+        occurred_at.as_deref(),
+    ] {
+        match part {
+            Some(text) => {
+                hash.update([1]);
+                hash.update((text.len() as u64).to_be_bytes());
+                hash.update(text.as_bytes());
+            }
+            None => hash.update([0]),
+        }
+    }
+    URL_SAFE_NO_PAD.encode(&hash.finalize()[..18])
 }
 
 fn random_token(prefix: &str) -> String {
@@ -277,6 +336,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             status: SubscriptionStatus::Active,
             created_at: now,
             updated_at: now,
+            version: 0,
         };
         self.store.insert_subscription(&subscription).await?;
         tracing::info!(tenant = %tenant, subscription = %subscription.id, url = %subscription.callback_url, "subscription created");
@@ -305,35 +365,57 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             .await?)
     }
 
+    /// Applies `patch` with a version-checked write; a concurrent change (another PATCH, a
+    /// `410 Gone`) makes it read the subscription again and re-apply the patch, so both changes
+    /// stay. Pausing holds the subscription's waiting deliveries when they come up; resuming
+    /// sends the held ones; disabling ends them.
     pub async fn update_subscription(
         &self,
         tenant: &TenantId,
         id: &SubscriptionId,
         patch: SubscriptionPatch,
     ) -> AppResult<Subscription> {
-        let mut subscription = self.get_subscription(tenant, id).await?;
-        if let Some(types) = patch.event_types {
-            validate_event_types(&types)?;
-            subscription.event_types = types;
+        if let Some(types) = &patch.event_types {
+            validate_event_types(types)?;
         }
-        if let Some(url) = patch.callback_url {
-            subscription.callback_url = url;
+        if let Some(description) = &patch.description {
+            validate_description(description)?;
         }
-        if let Some(secret) = patch.secret {
-            subscription.secret = secret;
+        for _ in 0..MAX_WRITE_RACES {
+            let current = self.get_subscription(tenant, id).await?;
+            let mut next = current.clone();
+            if let Some(types) = &patch.event_types {
+                next.event_types = types.clone();
+            }
+            if let Some(url) = &patch.callback_url {
+                next.callback_url = url.clone();
+            }
+            if let Some(secret) = &patch.secret {
+                next.secret = secret.clone();
+            }
+            if let Some(description) = &patch.description {
+                next.description = description.clone();
+            }
+            if let Some(status) = patch.status {
+                next.status = status;
+            }
+            next.updated_at = self.clock.now();
+            next.version = current.version + 1;
+            match self.store.update_subscription(&next, current.version).await {
+                Ok(()) => {
+                    if current.status != next.status {
+                        self.settle_held_deliveries(&next).await?;
+                    }
+                    return Ok(next);
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(StoreError::NotFound) => return Err(AppError::NotFound("subscription")),
+                Err(e) => return Err(e.into()),
+            }
         }
-        if let Some(description) = patch.description {
-            validate_description(&description)?;
-            subscription.description = description;
-        }
-        if let Some(status) = patch.status {
-            subscription.status = status;
-        }
-        subscription.updated_at = self.clock.now();
-        match self.store.update_subscription(&subscription).await {
-            Err(StoreError::NotFound) => Err(AppError::NotFound("subscription")),
-            other => other.map(|()| subscription).map_err(Into::into),
-        }
+        Err(AppError::Conflict(
+            "the subscription kept changing while this update was applied; try again".into(),
+        ))
     }
 
     pub async fn delete_subscription(
@@ -341,9 +423,97 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         tenant: &TenantId,
         id: &SubscriptionId,
     ) -> AppResult<()> {
+        let current = self.get_subscription(tenant, id).await?;
         match self.store.delete_subscription(tenant, id).await {
-            Err(StoreError::NotFound) => Err(AppError::NotFound("subscription")),
-            other => Ok(other?),
+            Err(StoreError::NotFound) => return Err(AppError::NotFound("subscription")),
+            other => other?,
+        }
+        // Its waiting deliveries end when a worker next takes them; held ones wait for no
+        // worker, so they end now.
+        self.end_held_deliveries(&current, "subscription was deleted")
+            .await
+    }
+
+    /// After a status change: an active subscription gets its held deliveries back, a disabled
+    /// one ends them. A paused one holds each waiting delivery as a worker comes to it.
+    async fn settle_held_deliveries(&self, subscription: &Subscription) -> AppResult<()> {
+        match subscription.status {
+            SubscriptionStatus::Active => self.release_held_deliveries(subscription).await,
+            SubscriptionStatus::Disabled => {
+                self.end_held_deliveries(subscription, "subscription is disabled")
+                    .await
+            }
+            SubscriptionStatus::Paused => Ok(()),
+        }
+    }
+
+    async fn release_held_deliveries(&self, subscription: &Subscription) -> AppResult<()> {
+        let grace = self.config.sweep_grace;
+        let released = self
+            .rewrite_held(subscription, |d, now| d.released(now, grace))
+            .await?;
+        let jobs = released
+            .into_iter()
+            .map(|d| (job_for(&d), Duration::ZERO))
+            .collect();
+        self.send_jobs(jobs).await;
+        Ok(())
+    }
+
+    async fn end_held_deliveries(&self, subscription: &Subscription, why: &str) -> AppResult<()> {
+        self.rewrite_held(subscription, |d, now| d.ended(now, why))
+            .await?;
+        Ok(())
+    }
+
+    /// Applies `transition` to every held delivery of `subscription` (version-checked; one that
+    /// changed meanwhile is read again), returning what was written.
+    async fn rewrite_held(
+        &self,
+        subscription: &Subscription,
+        transition: impl Fn(&Delivery, Timestamp) -> Option<Delivery>,
+    ) -> AppResult<Vec<Delivery>> {
+        let tenant = &subscription.tenant_id;
+        let mut written = Vec::new();
+        let mut page = PageRequest {
+            limit: MAX_PAGE_LIMIT,
+            after: None,
+        };
+        loop {
+            let found = self
+                .store
+                .list_deliveries(tenant, &subscription.id, &page)
+                .await?;
+            for listed in found
+                .items
+                .into_iter()
+                .filter(|d| d.status() == DeliveryStatus::Held)
+            {
+                let mut current = listed;
+                for _ in 0..MAX_WRITE_RACES {
+                    let Some(next) = transition(&current, self.clock.now()) else {
+                        break;
+                    };
+                    match self.store.update_delivery(&next, current.version()).await {
+                        Ok(()) => {
+                            written.push(next);
+                            break;
+                        }
+                        Err(StoreError::Conflict) => {
+                            match self.store.get_delivery(tenant, current.id()).await? {
+                                Some(again) => current = again,
+                                None => break,
+                            }
+                        }
+                        Err(StoreError::NotFound) => break,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            match found.next {
+                Some(after) => page.after = Some(after),
+                None => return Ok(written),
+            }
         }
     }
 
@@ -387,6 +557,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             ));
         }
         let now = self.clock.now();
+        let fingerprint = publish_fingerprint(&request);
         let event = Event {
             id: request.event_id.unwrap_or_else(EventId::generate),
             tenant_id: tenant.clone(),
@@ -394,7 +565,9 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             occurred_at: request.occurred_at.unwrap_or(now),
             data: request.data,
             received_at: now,
+            fingerprint,
         };
+        let first_delay = self.config.first_delay();
         let deliveries: Vec<Delivery> = self
             .store
             .tenant_subscriptions(tenant)
@@ -402,13 +575,19 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             .into_iter()
             .filter(|s| s.wants(&event.event_type))
             .map(|s| {
-                Delivery::new(
+                let new = Delivery::new(
                     tenant.clone(),
                     event.id.clone(),
                     s.id,
                     now,
+                    first_delay,
                     self.config.sweep_grace,
-                )
+                );
+                match s.status {
+                    // Held from the start: no job, not due, sent when the subscription resumes.
+                    SubscriptionStatus::Paused => new.held(now, PAUSED).unwrap_or(new),
+                    _ => new,
+                }
             })
             .collect();
         let new = NewEvent {
@@ -417,27 +596,36 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             idempotency_key,
         };
         match self.store.insert_event(&new).await? {
-            InsertOutcome::Existing(event_id) => Ok(Accepted {
-                published: Published {
-                    event_id,
-                    created: false,
-                    deliveries: 0,
-                },
-                jobs: Vec::new(),
-            }),
+            InsertOutcome::Existing {
+                event_id,
+                fingerprint,
+            } => {
+                if !fingerprint.is_empty() && fingerprint != new.event.fingerprint {
+                    let what = if new.idempotency_key.is_some() {
+                        "Idempotency-Key"
+                    } else {
+                        "eventId"
+                    };
+                    return Err(AppError::IdempotencyMismatch(format!(
+                        "this {what} was used for event {event_id} with another body; a retry must \
+                         send the same body, a new event needs a new {what}"
+                    )));
+                }
+                Ok(Accepted {
+                    published: Published {
+                        event_id,
+                        created: false,
+                        deliveries: 0,
+                    },
+                    jobs: Vec::new(),
+                })
+            }
             InsertOutcome::Created => {
                 let jobs = new
                     .deliveries
                     .iter()
-                    .map(|d| {
-                        (
-                            DeliveryJob {
-                                tenant_id: tenant.clone(),
-                                delivery_id: d.id.clone(),
-                            },
-                            Duration::ZERO,
-                        )
-                    })
+                    .filter(|d| d.status() != DeliveryStatus::Held)
+                    .map(|d| (job_for(d), first_delay))
                     .collect::<Vec<_>>();
                 Ok(Accepted {
                     published: Published {
@@ -493,37 +681,31 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             .await?)
     }
 
-    /// An operator's re-send of a failed or dead delivery (or a nudge to a waiting one).
-    pub async fn retry_delivery(&self, tenant: &TenantId, id: &DeliveryId) -> AppResult<Delivery> {
+    /// An operator's resend of a finished delivery (succeeded included) under the same id, so
+    /// the same `webhook-id`: 409 while it is still pending, retrying, held or in flight, and
+    /// once it was resent [`MAX_RESENDS`](crate::domain::MAX_RESENDS) times.
+    pub async fn resend_delivery(&self, tenant: &TenantId, id: &DeliveryId) -> AppResult<Delivery> {
         let current = self.get_delivery(tenant, id).await?;
-        if current.status == DeliveryStatus::Succeeded {
-            return Err(AppError::Conflict(
-                "delivery already succeeded; publish the event again to re-send it".into(),
-            ));
-        }
         let now = self.clock.now();
-        if current.lease.as_ref().is_some_and(|l| l.expires_at > now) {
-            return Err(AppError::Conflict(
-                "delivery is being attempted right now".into(),
-            ));
-        }
-        let mut next = current.rescheduled(now, self.config.sweep_grace);
-        next.version = current.version + 1;
-        match self.store.update_delivery(&next, current.version).await {
+        let next = current
+            .resent(now, self.config.sweep_grace)
+            .map_err(|e| match e {
+                NotResendable::Unfinished(_) => AppError::Conflict(format!(
+                    "{e}; it is still being delivered (see nextAttemptAt)"
+                )),
+                NotResendable::TooManyResends => {
+                    AppError::Conflict(format!("{e}; publish the event again to send it once more"))
+                }
+            })?;
+        match self.store.update_delivery(&next, current.version()).await {
             Err(StoreError::Conflict) => {
                 return Err(AppError::Conflict(
-                    "delivery changed while retrying; try again".into(),
+                    "delivery changed while resending; try again".into(),
                 ));
             }
             other => other?,
         }
-        let job = DeliveryJob {
-            tenant_id: tenant.clone(),
-            delivery_id: id.clone(),
-        };
-        if let Err(e) = self.queue.enqueue(vec![(job, Duration::ZERO)]).await {
-            tracing::warn!(error = %e, delivery = %id, "enqueue failed; the sweep will send it");
-        }
+        self.send_jobs(vec![(job_for(&next), Duration::ZERO)]).await;
         Ok(next)
     }
 
@@ -543,127 +725,170 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             return Ok(DeliverOutcome::Skipped("delivery not found"));
         };
         let now = self.clock.now();
-        let token = random_token("");
-        let mut leased = match current.leased(now, token, self.config.lease_duration) {
+        let leased = match current.leased(now, random_token(""), self.config.lease_duration) {
             Ok(d) => d,
             Err(NotLeasable::NotDue(at)) => return Ok(DeliverOutcome::NotDue(at)),
             Err(NotLeasable::Final(_)) => return Ok(DeliverOutcome::Skipped("already final")),
+            Err(NotLeasable::Held) => return Ok(DeliverOutcome::Skipped("held")),
             Err(NotLeasable::Leased(_)) => return Ok(DeliverOutcome::Skipped("leased elsewhere")),
         };
-        leased.version = current.version + 1;
-        match self.store.update_delivery(&leased, current.version).await {
+        match self.store.update_delivery(&leased, current.version()).await {
             Err(StoreError::Conflict) => return Ok(DeliverOutcome::Skipped("lost the lease race")),
             other => other?,
         }
 
-        let event = self
-            .store
-            .get_event(&job.tenant_id, &leased.event_id)
-            .await?;
         let subscription = self
             .store
-            .get_subscription(&job.tenant_id, &leased.subscription_id)
+            .get_subscription(&job.tenant_id, leased.subscription_id())
             .await?;
-        let (attempt, retry_after) = match (&event, &subscription) {
-            (Some(event), Some(sub)) if sub.status == SubscriptionStatus::Active => {
-                self.attempt(sender, &leased, event, sub).await
+        let sub = match subscription {
+            None => return self.end(&leased, "subscription was deleted").await,
+            Some(sub) if sub.status == SubscriptionStatus::Disabled => {
+                return self.end(&leased, "subscription is disabled").await;
             }
-            (None, _) => (self.no_send_attempt(&leased, "event not found"), None),
-            (_, None) => (
-                self.no_send_attempt(&leased, "subscription was deleted"),
-                None,
-            ),
-            (_, Some(sub)) => {
-                let why = format!("subscription is {}", sub.status.as_str());
-                (self.no_send_attempt(&leased, &why), None)
+            Some(sub) if sub.status == SubscriptionStatus::Paused => {
+                return self.hold(&leased).await;
             }
+            Some(sub) => sub,
+        };
+        let Some(event) = self
+            .store
+            .get_event(&job.tenant_id, leased.event_id())
+            .await?
+        else {
+            return self.without_event(&leased).await;
         };
 
-        let finished_at = self.clock.now();
-        let class = attempt.outcome;
+        let (attempt, retry_after) = self.attempt(sender, &leased, &event, &sub).await;
         let status_code = attempt.status_code;
-        let (status, retry_at, due_at, requeue) = match class {
-            AttemptClass::Delivered => (DeliveryStatus::Succeeded, None, None, None),
-            AttemptClass::Permanent => (DeliveryStatus::Failed, None, None, None),
-            AttemptClass::Retryable => match retry::next_step(
-                &self.config.schedule,
-                leased.attempts_in_round() + 1,
-                class,
-                retry_after,
-            ) {
-                NextStep::GiveUp => (DeliveryStatus::Dead, None, None, None),
-                NextStep::RetryAfter(delay) => {
-                    let floor = retry_after
-                        .map(|d| d.min(retry::MAX_RETRY_AFTER))
-                        .unwrap_or_default();
-                    let delay = retry::with_jitter(
-                        delay,
-                        self.config.jitter_ratio,
-                        rand::rng().random::<f64>(),
-                        floor,
-                    );
-                    let retry_at = finished_at.saturating_add(delay);
-                    if delay <= self.queue.max_delay() {
-                        let due = retry_at.saturating_add(self.config.sweep_grace);
-                        (
-                            DeliveryStatus::Retrying,
-                            Some(retry_at),
-                            Some(due),
-                            Some(delay),
-                        )
-                    } else {
-                        // Too long for the queue: the sweep sends it when it is due.
-                        (
-                            DeliveryStatus::Retrying,
-                            Some(retry_at),
-                            Some(retry_at),
-                            None,
-                        )
-                    }
+        let finished_at = self.clock.now();
+        let (done, follow_up) = leased.recorded(
+            attempt.clone(),
+            retry_after,
+            &self.config.retry_plan(self.queue.max_delay()),
+            finished_at,
+        );
+        let done = match self.store.update_delivery(&done, leased.version()).await {
+            Ok(()) => {
+                if let FollowUp::Enqueue(delay) = follow_up {
+                    self.send_jobs(vec![(job.clone(), delay)]).await;
                 }
-            },
+                done
+            }
+            Err(StoreError::Conflict) => self.record_late(&leased, attempt).await?,
+            Err(e) => return Err(e),
         };
-        let mut done = leased.with_attempt(attempt, status, retry_at, due_at, finished_at);
-        done.version = leased.version + 1;
-        match self.store.update_delivery(&done, leased.version).await {
-            Err(StoreError::Conflict) => {
-                // Our lease ran out and another worker took over; it records its own attempt.
-                tracing::warn!("lease lost before the attempt was recorded");
-                return Ok(DeliverOutcome::Skipped("lease lost"));
-            }
-            other => other?,
-        }
-        if let Some(delay) = requeue {
-            let next_job = job.clone();
-            if let Err(e) = self.queue.enqueue(vec![(next_job, delay)]).await {
-                tracing::warn!(error = %e, "enqueue of the retry failed; the sweep will send it");
-            }
-        }
         if status_code == Some(410) {
-            self.disable_gone_subscription(&job.tenant_id, &done.subscription_id)
+            self.disable_gone_subscription(&job.tenant_id, done.subscription_id())
                 .await;
         }
-        tracing::info!(status = status.as_str(), attempt = done.attempts.len(), code = ?status_code, "delivery attempt recorded");
-        Ok(match status {
+        tracing::info!(status = done.status().as_str(), attempt = done.attempt_count(), code = ?status_code, "delivery attempt recorded");
+        Ok(match done.status() {
             DeliveryStatus::Succeeded => DeliverOutcome::Delivered,
             DeliveryStatus::Failed => DeliverOutcome::Failed,
             DeliveryStatus::Dead => DeliverOutcome::Dead,
-            DeliveryStatus::Retrying | DeliveryStatus::Pending => {
-                DeliverOutcome::Retrying(retry_at.unwrap_or(finished_at))
+            DeliveryStatus::Retrying | DeliveryStatus::Pending | DeliveryStatus::Held => {
+                DeliverOutcome::Retrying(done.next_attempt_at().unwrap_or(finished_at))
             }
         })
     }
 
-    fn no_send_attempt(&self, delivery: &Delivery, why: &str) -> Attempt {
-        Attempt {
-            number: delivery.attempts.len() as u32 + 1,
-            started_at: self.clock.now(),
-            latency_ms: 0,
-            outcome: AttemptClass::Permanent,
-            status_code: None,
-            error: Some(why.to_owned()),
-            response_snippet: None,
+    /// Our lease ran out while the attempt ran and the delivery moved on: the attempt is
+    /// recorded all the same (a 2xx finishes the delivery), on whatever version is current.
+    async fn record_late(
+        &self,
+        leased: &Delivery,
+        attempt: Attempt,
+    ) -> Result<Delivery, StoreError> {
+        tracing::warn!("lease lost during the attempt; recording it on the current state");
+        for _ in 0..MAX_WRITE_RACES {
+            let Some(current) = self
+                .store
+                .get_delivery(leased.tenant_id(), leased.id())
+                .await?
+            else {
+                break;
+            };
+            let next = current.with_late_attempt(attempt.clone(), self.clock.now());
+            match self.store.update_delivery(&next, current.version()).await {
+                Ok(()) => return Ok(next),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
         }
+        Err(StoreError::Conflict)
+    }
+
+    /// The delivery's event is not there: its publish is still writing it (deliveries are
+    /// written first on DynamoDB), or died before it did. The first waits a little; the second
+    /// ends as an orphan, which a later try of that publish may write anew.
+    async fn without_event(&self, leased: &Delivery) -> Result<DeliverOutcome, StoreError> {
+        let now = self.clock.now();
+        let give_up_at = leased.created_at().saturating_add(Delivery::ORPHAN_AFTER);
+        if now >= give_up_at {
+            return self.end(leased, Delivery::ORPHAN_REASON).await;
+        }
+        let postponed = leased.postponed(now, give_up_at);
+        match self
+            .store
+            .update_delivery(&postponed, leased.version())
+            .await
+        {
+            Err(StoreError::Conflict) | Ok(()) => {
+                Ok(DeliverOutcome::Skipped("its event is not stored yet"))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Ends a leased delivery without an attempt, the reason in its log.
+    async fn end(&self, leased: &Delivery, why: &str) -> Result<DeliverOutcome, StoreError> {
+        let Some(ended) = leased.ended(self.clock.now(), why) else {
+            return Ok(DeliverOutcome::Skipped("already final"));
+        };
+        match self.store.update_delivery(&ended, leased.version()).await {
+            Err(StoreError::Conflict) => Ok(DeliverOutcome::Skipped("lease lost")),
+            Err(e) => Err(e),
+            Ok(()) => {
+                tracing::info!(reason = why, "delivery ended without an attempt");
+                Ok(DeliverOutcome::Failed)
+            }
+        }
+    }
+
+    /// Holds a leased delivery while its subscription is paused. Should the subscription have
+    /// been resumed meanwhile (its resume looked for held deliveries before this one was), the
+    /// delivery is released again at once, so none stays held under an active subscription.
+    async fn hold(&self, leased: &Delivery) -> Result<DeliverOutcome, StoreError> {
+        let Some(held) = leased.held(self.clock.now(), PAUSED) else {
+            return Ok(DeliverOutcome::Skipped("already final"));
+        };
+        match self.store.update_delivery(&held, leased.version()).await {
+            Err(StoreError::Conflict) => return Ok(DeliverOutcome::Skipped("lease lost")),
+            other => other?,
+        }
+        let resumed = self
+            .store
+            .get_subscription(held.tenant_id(), held.subscription_id())
+            .await?
+            .is_some_and(|s| s.status == SubscriptionStatus::Active);
+        if resumed
+            && let Some(released) = held.released(self.clock.now(), self.config.sweep_grace)
+            && self
+                .store
+                .update_delivery(&released, held.version())
+                .await
+                .is_ok()
+        {
+            self.send_jobs(vec![(job_for(&released), Duration::ZERO)])
+                .await;
+            return Ok(DeliverOutcome::Skipped(
+                "released again: the subscription was resumed",
+            ));
+        }
+        Ok(DeliverOutcome::Skipped(
+            "held while the subscription is paused",
+        ))
     }
 
     async fn attempt<H: HttpSender>(
@@ -675,7 +900,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
     ) -> (Attempt, Option<Duration>) {
         let started_at = self.clock.now();
         let body = event.payload();
-        let msg_id = delivery.id.as_str();
+        let msg_id = delivery.id().as_str();
         let timestamp = started_at.unix_seconds();
         let signature = signing::sign(subscription.secret.key(), msg_id, timestamp, &body);
         let request = OutboundRequest {
@@ -688,7 +913,8 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             ],
             body: body.into(),
         };
-        let number = delivery.attempts.len() as u32 + 1;
+        // The delivery numbers its attempts when it records them.
+        let number = 0;
         match sender.send(request).await {
             SendOutcome::Response {
                 status,
@@ -778,34 +1004,39 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             else {
                 continue;
             };
-            if current.due_at != Some(item.due_at) {
+            if current.due_at() != Some(item.due_at) {
                 continue; // changed since the index was read
             }
-            if current.lease.as_ref().is_some_and(|l| l.expires_at > now) {
-                // A worker holds it. Claiming would bump the version and void that worker's
-                // result; should the worker die, a later sweep takes it once the lease runs out.
+            let Some(claimed) = current.claimed(now, self.config.sweep_grace) else {
+                // A worker holds it: due again once its lease runs out (should the worker die),
+                // and out of the way of what is due behind it meanwhile.
                 report.in_flight += 1;
+                if let Some(deferred) = current.deferred(now, self.config.sweep_grace) {
+                    match self
+                        .store
+                        .update_delivery(&deferred, current.version())
+                        .await
+                    {
+                        Ok(()) => report.deferred += 1,
+                        Err(StoreError::Conflict) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
                 continue;
-            }
-            let mut claimed = current.clone();
-            claimed.due_at = Some(now.saturating_add(self.config.sweep_grace));
-            claimed.updated_at = now;
-            claimed.version = current.version + 1;
-            match self.store.update_delivery(&claimed, current.version).await {
+            };
+            match self
+                .store
+                .update_delivery(&claimed, current.version())
+                .await
+            {
                 Err(StoreError::Conflict) => continue,
                 other => other?,
             }
             let delay = claimed
-                .next_attempt_at
+                .next_attempt_at()
                 .map(|t| now.until(t).min(self.queue.max_delay()))
                 .unwrap_or_default();
-            jobs.push((
-                DeliveryJob {
-                    tenant_id: item.tenant_id,
-                    delivery_id: item.delivery_id,
-                },
-                delay,
-            ));
+            jobs.push((job_for(&claimed), delay));
         }
         report.enqueued = jobs.len();
         if !jobs.is_empty()
@@ -844,19 +1075,6 @@ mod tests {
         }
     }
 
-    struct Answers200;
-
-    impl HttpSender for Answers200 {
-        async fn send(&self, _request: OutboundRequest) -> SendOutcome {
-            SendOutcome::Response {
-                status: 200,
-                retry_after: None,
-                body_snippet: String::new(),
-                latency: Duration::from_millis(1),
-            }
-        }
-    }
-
     #[tokio::test]
     async fn the_sweep_leaves_a_delivery_in_flight_alone_and_takes_it_once_the_lease_runs_out() {
         let clock = FakeClock::at(ts(0));
@@ -878,40 +1096,451 @@ mod tests {
         // A worker leases it a second in, then dies without a word.
         let taken = created.leased(ts(1_000), "worker".into(), lease).unwrap();
         let taken = save(&app.store, &created, taken).await;
-        assert_eq!(taken.due_at, created.due_at, "the lease kept the due time");
+        assert_eq!(
+            taken.due_at(),
+            created.due_at(),
+            "the lease kept the due time"
+        );
 
-        // Due (created + grace) while the lease still runs: left alone, not even written.
+        // Due (created + grace) while the lease still runs: not claimed, no job; due again only
+        // once the lease has run out (plus the grace), same version, so the worker's result
+        // still lands.
         clock.set(
             ts(0)
                 .saturating_add(grace)
                 .saturating_add(Duration::from_millis(500)),
         );
         let report = app.sweep_due().await.unwrap();
-        assert_eq!((report.found, report.in_flight, report.enqueued), (1, 1, 0));
-        assert!(!report.more_may_be_due(1), "no progress: no second round");
-        let now = app.store.get_delivery(&a, &created.id).await.unwrap();
-        assert_eq!(now.as_ref(), Some(&taken));
+        assert_eq!(
+            (
+                report.found,
+                report.in_flight,
+                report.deferred,
+                report.enqueued
+            ),
+            (1, 1, 1, 0)
+        );
+        assert!(report.more_may_be_due(1), "it moved one out of the way");
+        let now = app
+            .store
+            .get_delivery(&a, created.id())
+            .await
+            .unwrap()
+            .unwrap();
+        let lease_end = ts(1_000).saturating_add(lease);
+        assert_eq!(now.due_at(), Some(lease_end.saturating_add(grace)));
+        assert_eq!(now.version(), taken.version());
         assert!(app.queue.0.lock().unwrap().is_empty());
+        let report = app.sweep_due().await.unwrap();
+        assert_eq!(report.found, 0, "nothing due at its old time");
 
-        // The lease ran out: the sweep takes it and the job delivers it.
+        // The lease ran out (the worker died): the sweep takes it and the job delivers it.
         clock.set(
-            ts(1_000)
-                .saturating_add(lease)
+            lease_end
+                .saturating_add(grace)
                 .saturating_add(Duration::from_millis(1)),
         );
         let report = app.sweep_due().await.unwrap();
         assert_eq!((report.found, report.in_flight, report.enqueued), (1, 0, 1));
         let job = app.queue.0.lock().unwrap().pop().expect("a job");
-        assert_eq!(job.delivery_id, created.id);
-        let outcome = app.deliver(&Answers200, &job).await.unwrap();
+        assert_eq!(&job.delivery_id, created.id());
+        let outcome = app.deliver(&Answers(200), &job).await.unwrap();
         assert_eq!(outcome, DeliverOutcome::Delivered);
         let done = app
             .store
-            .get_delivery(&a, &created.id)
+            .get_delivery(&a, created.id())
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(done.status, DeliveryStatus::Succeeded);
-        assert_eq!(done.due_at, None);
+        assert_eq!(done.status(), DeliveryStatus::Succeeded);
+        assert_eq!(done.due_at(), None);
+    }
+
+    type TestApp = App<SqliteStore, Jobs, FakeClock>;
+
+    /// An app on an in-memory store at t = 0, with one subscription of tenant `a` to `order.*`.
+    async fn app_with_subscription(config: AppConfig) -> (TestApp, TenantId, Subscription) {
+        let app = App::new(
+            SqliteStore::open_in_memory().unwrap(),
+            Jobs::default(),
+            FakeClock::at(ts(0)),
+            config,
+        );
+        let a = tenant("a");
+        let sub = app
+            .create_subscription(
+                &a,
+                NewSubscription {
+                    event_types: vec![EventTypePattern::parse("order.*").unwrap()],
+                    callback_url: CallbackUrl::parse("https://receiver.example.com/").unwrap(),
+                    secret: None,
+                    description: String::new(),
+                },
+            )
+            .await
+            .unwrap();
+        (app, a, sub)
+    }
+
+    fn order(data: &str) -> PublishRequest {
+        PublishRequest {
+            event_type: EventType::parse("order.created").unwrap(),
+            data: RawValue::from_string(data.to_owned()).unwrap(),
+            event_id: None,
+            occurred_at: None,
+        }
+    }
+
+    fn take_jobs(app: &TestApp) -> Vec<DeliveryJob> {
+        std::mem::take(&mut *app.queue.0.lock().unwrap())
+    }
+
+    fn status(status: SubscriptionStatus) -> SubscriptionPatch {
+        SubscriptionPatch {
+            status: Some(status),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_paused_subscription_holds_its_deliveries_and_gets_them_when_resumed() {
+        let (app, a, sub) = app_with_subscription(AppConfig::default()).await;
+        app.publish_event(&a, order("{}"), None).await.unwrap();
+        let jobs = take_jobs(&app);
+        app.update_subscription(&a, &sub.id, status(SubscriptionStatus::Paused))
+            .await
+            .unwrap();
+
+        // The job comes while paused: held, not failed, nothing sent.
+        let outcome = app.deliver(&Refuses, &jobs[0]).await.unwrap();
+        assert!(matches!(outcome, DeliverOutcome::Skipped(_)), "{outcome:?}");
+        let held = app.get_delivery(&a, &jobs[0].delivery_id).await.unwrap();
+        assert_eq!(held.status(), DeliveryStatus::Held);
+        assert_eq!(held.attempt_count(), 0);
+        assert_eq!(app.sweep_due().await.unwrap().found, 0, "not the sweep's");
+
+        // Resumed: sent again, and delivered under the same id.
+        app.update_subscription(&a, &sub.id, status(SubscriptionStatus::Active))
+            .await
+            .unwrap();
+        let resent = take_jobs(&app);
+        assert_eq!(resent, jobs);
+        let outcome = app.deliver(&Answers(204), &resent[0]).await.unwrap();
+        assert_eq!(outcome, DeliverOutcome::Delivered);
+    }
+
+    #[tokio::test]
+    async fn deleting_or_disabling_ends_held_deliveries_with_the_reason() {
+        for (end, reason) in [
+            (None, "subscription was deleted"),
+            (
+                Some(SubscriptionStatus::Disabled),
+                "subscription is disabled",
+            ),
+        ] {
+            let (app, a, sub) = app_with_subscription(AppConfig::default()).await;
+            app.publish_event(&a, order("{}"), None).await.unwrap();
+            let jobs = take_jobs(&app);
+            app.update_subscription(&a, &sub.id, status(SubscriptionStatus::Paused))
+                .await
+                .unwrap();
+            app.deliver(&Refuses, &jobs[0]).await.unwrap();
+            match end {
+                None => app.delete_subscription(&a, &sub.id).await.unwrap(),
+                Some(s) => {
+                    app.update_subscription(&a, &sub.id, status(s))
+                        .await
+                        .unwrap();
+                }
+            }
+            let ended = app.get_delivery(&a, &jobs[0].delivery_id).await.unwrap();
+            assert_eq!(ended.status(), DeliveryStatus::Failed);
+            assert_eq!(ended.reason(), Some(reason));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_patch_that_loses_a_race_is_applied_again_on_top() {
+        let (app, a, sub) = app_with_subscription(AppConfig::default()).await;
+        // The 410 handler's write lands between the PATCH's read and its write.
+        let mut disabled = sub.clone();
+        disabled.status = SubscriptionStatus::Disabled;
+        disabled.version = 1;
+        let store = RacingStore {
+            inner: app.store.clone(),
+            racer: Mutex::new(Some(disabled)),
+        };
+        let racing = App::new(
+            store,
+            Jobs::default(),
+            app.clock.clone(),
+            AppConfig::default(),
+        );
+        let patch = SubscriptionPatch {
+            description: Some("patched".into()),
+            ..Default::default()
+        };
+        let after = racing
+            .update_subscription(&a, &sub.id, patch)
+            .await
+            .unwrap();
+        assert_eq!(after.description, "patched");
+        assert_eq!(
+            after.status,
+            SubscriptionStatus::Disabled,
+            "the other change stays"
+        );
+        assert_eq!(after.version, 2);
+        assert_eq!(app.get_subscription(&a, &sub.id).await.unwrap(), after);
+    }
+
+    #[tokio::test]
+    async fn a_resend_keeps_the_id_refuses_unfinished_deliveries_and_is_bounded() {
+        let (app, a, _) = app_with_subscription(AppConfig::default()).await;
+        app.publish_event(&a, order("{}"), None).await.unwrap();
+        let job = take_jobs(&app).remove(0);
+        let id = job.delivery_id.clone();
+        assert!(
+            matches!(
+                app.resend_delivery(&a, &id).await,
+                Err(AppError::Conflict(_))
+            ),
+            "a pending delivery is not resent"
+        );
+        app.deliver(&Answers(200), &job).await.unwrap();
+        for _ in 0..crate::domain::MAX_RESENDS {
+            let resent = app.resend_delivery(&a, &id).await.unwrap();
+            assert_eq!(resent.id(), &id);
+            assert_eq!(resent.status(), DeliveryStatus::Pending);
+            assert_eq!(take_jobs(&app), vec![job.clone()]);
+            assert_eq!(
+                app.deliver(&Answers(200), &job).await.unwrap(),
+                DeliverOutcome::Delivered
+            );
+        }
+        let beyond = app.resend_delivery(&a, &id).await;
+        assert!(matches!(beyond, Err(AppError::Conflict(_))), "{beyond:?}");
+        let d = app.get_delivery(&a, &id).await.unwrap();
+        assert_eq!(d.attempt_count(), crate::domain::MAX_RESENDS + 1);
+        assert!(d.attempts().len() <= crate::domain::MAX_KEPT_ATTEMPTS);
+    }
+
+    #[tokio::test]
+    async fn a_reused_idempotency_key_with_another_body_is_refused() {
+        let (app, a, _) = app_with_subscription(AppConfig::default()).await;
+        let first = app
+            .publish_event(&a, order(r#"{"n":1}"#), Some("k1".into()))
+            .await
+            .unwrap();
+        let same = app
+            .publish_event(&a, order(r#"{"n":1}"#), Some("k1".into()))
+            .await
+            .unwrap();
+        assert_eq!(
+            (same.event_id, same.created),
+            (first.event_id.clone(), false)
+        );
+        let other = app
+            .publish_event(&a, order(r#"{"n":2}"#), Some("k1".into()))
+            .await;
+        assert!(
+            matches!(other, Err(AppError::IdempotencyMismatch(_))),
+            "{other:?}"
+        );
+        // The same for a producer's event id.
+        let mut with_id = order("1");
+        with_id.event_id = Some(EventId::parse("order-7").unwrap());
+        app.publish_event(&a, with_id.clone(), None).await.unwrap();
+        assert!(
+            !app.publish_event(&a, with_id.clone(), None)
+                .await
+                .unwrap()
+                .created
+        );
+        with_id.data = RawValue::from_string("2".into()).unwrap();
+        let r = app.publish_event(&a, with_id, None).await;
+        assert!(matches!(r, Err(AppError::IdempotencyMismatch(_))), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn the_first_schedule_entry_delays_the_first_attempt() {
+        let config = AppConfig {
+            schedule: RetrySchedule::parse("3s,5s").unwrap(),
+            ..AppConfig::default()
+        };
+        let (app, a, _) = app_with_subscription(config).await;
+        app.publish_event(&a, order("{}"), None).await.unwrap();
+        let job = take_jobs(&app).remove(0);
+        assert_eq!(
+            app.deliver(&Answers(200), &job).await.unwrap(),
+            DeliverOutcome::NotDue(ts(3_000))
+        );
+        app.clock.set(ts(3_000));
+        assert_eq!(
+            app.deliver(&Answers(200), &job).await.unwrap(),
+            DeliverOutcome::Delivered
+        );
+    }
+
+    #[tokio::test]
+    async fn a_2xx_is_recorded_even_when_the_lease_was_lost_during_the_attempt() {
+        let (app, a, _) = app_with_subscription(AppConfig::default()).await;
+        app.publish_event(&a, order("{}"), None).await.unwrap();
+        let job = take_jobs(&app).remove(0);
+        // While the receiver takes its time, the lease runs out and the delivery moves on.
+        let sender = Meddles {
+            store: app.store.clone(),
+            tenant: a.clone(),
+            job: job.clone(),
+        };
+        let outcome = app.deliver(&sender, &job).await.unwrap();
+        assert_eq!(outcome, DeliverOutcome::Delivered);
+        let d = app.get_delivery(&a, &job.delivery_id).await.unwrap();
+        assert_eq!(d.status(), DeliveryStatus::Succeeded);
+        assert_eq!(d.attempt_count(), 1);
+    }
+
+    /// Answers every request with one status.
+    struct Answers(u16);
+
+    impl HttpSender for Answers {
+        async fn send(&self, _request: OutboundRequest) -> SendOutcome {
+            SendOutcome::Response {
+                status: self.0,
+                retry_after: None,
+                body_snippet: String::new(),
+                latency: Duration::from_millis(1),
+            }
+        }
+    }
+
+    /// Fails the test if anything is sent.
+    struct Refuses;
+
+    impl HttpSender for Refuses {
+        async fn send(&self, request: OutboundRequest) -> SendOutcome {
+            panic!("nothing may be sent, but {} was", request.url)
+        }
+    }
+
+    /// Answers 200, after moving the delivery on behind the worker's back (as the sweep does
+    /// once a lease has run out).
+    struct Meddles {
+        store: SqliteStore,
+        tenant: TenantId,
+        job: DeliveryJob,
+    }
+
+    impl HttpSender for Meddles {
+        async fn send(&self, _request: OutboundRequest) -> SendOutcome {
+            let current = self
+                .store
+                .get_delivery(&self.tenant, &self.job.delivery_id)
+                .await
+                .unwrap()
+                .unwrap();
+            let moved = current.with_due_at_for_tests(current.due_at());
+            self.store
+                .update_delivery(&moved, current.version())
+                .await
+                .unwrap();
+            SendOutcome::Response {
+                status: 200,
+                retry_after: None,
+                body_snippet: String::new(),
+                latency: Duration::from_millis(1),
+            }
+        }
+    }
+
+    /// A store whose first subscription update loses to `racer`, written just before it.
+    struct RacingStore {
+        inner: SqliteStore,
+        racer: Mutex<Option<Subscription>>,
+    }
+
+    impl Store for RacingStore {
+        async fn put_api_key(&self, key: &ApiKeyRecord) -> crate::ports::StoreResult<()> {
+            self.inner.put_api_key(key).await
+        }
+        async fn tenant_for_api_key(&self, h: &str) -> crate::ports::StoreResult<Option<TenantId>> {
+            self.inner.tenant_for_api_key(h).await
+        }
+        async fn insert_subscription(&self, s: &Subscription) -> crate::ports::StoreResult<()> {
+            self.inner.insert_subscription(s).await
+        }
+        async fn get_subscription(
+            &self,
+            t: &TenantId,
+            id: &SubscriptionId,
+        ) -> crate::ports::StoreResult<Option<Subscription>> {
+            self.inner.get_subscription(t, id).await
+        }
+        async fn list_subscriptions(
+            &self,
+            t: &TenantId,
+            p: &PageRequest,
+        ) -> crate::ports::StoreResult<Page<Subscription>> {
+            self.inner.list_subscriptions(t, p).await
+        }
+        async fn update_subscription(
+            &self,
+            s: &Subscription,
+            expected: u64,
+        ) -> crate::ports::StoreResult<()> {
+            let racer = self.racer.lock().unwrap().take();
+            if let Some(racer) = racer {
+                self.inner.update_subscription(&racer, expected).await?;
+            }
+            self.inner.update_subscription(s, expected).await
+        }
+        async fn delete_subscription(
+            &self,
+            t: &TenantId,
+            id: &SubscriptionId,
+        ) -> crate::ports::StoreResult<()> {
+            self.inner.delete_subscription(t, id).await
+        }
+        async fn tenant_subscriptions(
+            &self,
+            t: &TenantId,
+        ) -> crate::ports::StoreResult<Vec<Subscription>> {
+            self.inner.tenant_subscriptions(t).await
+        }
+        async fn insert_event(&self, n: &NewEvent) -> crate::ports::StoreResult<InsertOutcome> {
+            self.inner.insert_event(n).await
+        }
+        async fn get_event(
+            &self,
+            t: &TenantId,
+            id: &EventId,
+        ) -> crate::ports::StoreResult<Option<Event>> {
+            self.inner.get_event(t, id).await
+        }
+        async fn get_delivery(
+            &self,
+            t: &TenantId,
+            id: &DeliveryId,
+        ) -> crate::ports::StoreResult<Option<Delivery>> {
+            self.inner.get_delivery(t, id).await
+        }
+        async fn update_delivery(&self, d: &Delivery, v: u64) -> crate::ports::StoreResult<()> {
+            self.inner.update_delivery(d, v).await
+        }
+        async fn list_deliveries(
+            &self,
+            t: &TenantId,
+            s: &SubscriptionId,
+            p: &PageRequest,
+        ) -> crate::ports::StoreResult<Page<Delivery>> {
+            self.inner.list_deliveries(t, s, p).await
+        }
+        async fn due_deliveries(
+            &self,
+            now: Timestamp,
+            limit: u32,
+        ) -> crate::ports::StoreResult<Vec<crate::ports::DueDelivery>> {
+            self.inner.due_deliveries(now, limit).await
+        }
     }
 }

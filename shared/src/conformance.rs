@@ -10,12 +10,12 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 
 use crate::domain::{
-    ApiKeyRecord, Attempt, CallbackUrl, Delivery, DeliveryId, DeliveryStatus, Event, EventId,
-    EventType, EventTypePattern, Secret, Subscription, SubscriptionId, SubscriptionStatus,
-    TenantId, Timestamp,
+    ApiKeyRecord, Attempt, CallbackUrl, Delivery, Event, EventId, EventType, EventTypePattern,
+    RetryPlan, Secret, Subscription, SubscriptionId, SubscriptionStatus, TenantId, Timestamp,
 };
 use crate::ports::{InsertOutcome, NewEvent, Page, PageRequest, Store, StoreError};
 use crate::retry::AttemptClass;
+use crate::retry::RetrySchedule;
 
 /// Expands to one `#[tokio::test]` per conformance case, named after the case.
 ///
@@ -41,6 +41,9 @@ macro_rules! store_conformance_tests {
             deleting_a_subscription_keeps_its_deliveries,
             event_data_bytes_are_preserved,
             update_delivery_is_version_checked,
+            update_subscription_is_version_checked,
+            a_repeated_publish_leaves_existing_deliveries_alone,
+            list_cursors_are_checked,
             update_of_unknown_delivery_is_not_found,
             due_deliveries_returns_due_work_earliest_first,
             due_index_follows_delivery_updates,
@@ -88,11 +91,6 @@ pub fn subscription_id_at(at: Timestamp) -> SubscriptionId {
         .expect("fixture subscription id")
 }
 
-pub fn delivery_id_at(at: Timestamp) -> DeliveryId {
-    DeliveryId::parse(&format!("{}{}", DeliveryId::PREFIX, ulid_at(at)))
-        .expect("fixture delivery id")
-}
-
 /// An active subscription to `order.*` of `tenant`, created at `created_at`.
 pub fn subscription(tenant: &TenantId, created_at: Timestamp) -> Subscription {
     Subscription {
@@ -106,6 +104,7 @@ pub fn subscription(tenant: &TenantId, created_at: Timestamp) -> Subscription {
         status: SubscriptionStatus::Active,
         created_at,
         updated_at: created_at,
+        version: 0,
     }
 }
 
@@ -118,15 +117,56 @@ pub fn event(tenant: &TenantId, at: Timestamp, data: &str) -> Event {
         occurred_at: at,
         data: RawValue::from_string(data.to_owned()).expect("fixture data is JSON"),
         received_at: at,
+        fingerprint: format!("fixture-{}", data.len()),
     }
 }
 
 /// A new (pending) delivery to `subscription`, created at `at`, for a fresh event id.
 pub fn delivery_for(tenant: &TenantId, subscription: &Subscription, at: Timestamp) -> Delivery {
     let event_id = EventId::parse(&format!("evt_{}", ulid_at(at))).expect("fixture event id");
-    let mut d = Delivery::new(tenant.clone(), event_id, subscription.id.clone(), at, GRACE);
-    d.id = delivery_id_at(at);
-    d
+    Delivery::new(
+        tenant.clone(),
+        event_id,
+        subscription.id.clone(),
+        at,
+        Duration::ZERO,
+        GRACE,
+    )
+}
+
+/// `d` with another tenant in it (a hostile writer's forgery; the id stays).
+pub fn with_tenant(d: &Delivery, tenant: &TenantId) -> Delivery {
+    let mut json = serde_json::to_value(d).expect("delivery to JSON");
+    json["tenantId"] = serde_json::Value::String(tenant.to_string());
+    serde_json::from_value(json).expect("delivery from JSON")
+}
+
+/// `d` leased at `at` and one attempt with `outcome` recorded. A retryable outcome is retried
+/// `retry_in` later, left to the sweep (due then too).
+pub fn attempted(
+    d: &Delivery,
+    at: Timestamp,
+    outcome: AttemptClass,
+    retry_in: Duration,
+) -> Delivery {
+    let schedule = RetrySchedule::new(
+        vec![Duration::ZERO; d.attempts_in_round() as usize + 1]
+            .into_iter()
+            .chain([retry_in])
+            .collect(),
+    )
+    .expect("fixture schedule");
+    let plan = RetryPlan {
+        schedule: &schedule,
+        jitter_ratio: 0.0,
+        jitter_unit: 0.5,
+        sweep_grace: GRACE,
+        max_queue_delay: Duration::ZERO,
+    };
+    let leased = d
+        .leased(at, "fixture-worker".into(), Duration::from_secs(30))
+        .expect("fixture delivery is leasable");
+    leased.recorded(attempt(0, at, outcome), None, &plan, at).0
 }
 
 /// An event at `at` with one new delivery per entry of `subscriptions` (repeats allowed), and
@@ -138,14 +178,7 @@ pub fn new_event(
     data: &str,
 ) -> NewEvent {
     let event = event(tenant, at, data);
-    let deliveries = subscriptions
-        .iter()
-        .map(|s| {
-            let mut d = Delivery::new(tenant.clone(), event.id.clone(), s.id.clone(), at, GRACE);
-            d.id = delivery_id_at(at);
-            d
-        })
-        .collect();
+    let deliveries = deliveries_of(&event, subscriptions, at);
     NewEvent {
         event,
         deliveries,
@@ -170,15 +203,35 @@ pub fn attempt(number: u32, started_at: Timestamp, outcome: AttemptClass) -> Att
     }
 }
 
-/// Writes `next` over `current` the way a use case does: version bumped, checked against
-/// `current.version`. Returns what was written.
-pub async fn save<S: Store>(store: &S, current: &Delivery, mut next: Delivery) -> Delivery {
-    next.version = current.version + 1;
+/// Writes `next` (a transition of `current`) the way a use case does: checked against
+/// `current`'s version. Returns what was written.
+pub async fn save<S: Store>(store: &S, current: &Delivery, next: Delivery) -> Delivery {
     store
-        .update_delivery(&next, current.version)
+        .update_delivery(&next, current.version())
         .await
         .expect("version-checked write of the current version");
     next
+}
+
+/// One new delivery of `event` per subscription.
+pub fn deliveries_of(
+    event: &Event,
+    subscriptions: &[&Subscription],
+    at: Timestamp,
+) -> Vec<Delivery> {
+    subscriptions
+        .iter()
+        .map(|s| {
+            Delivery::new(
+                event.tenant_id.clone(),
+                event.id.clone(),
+                s.id.clone(),
+                at,
+                Duration::ZERO,
+                GRACE,
+            )
+        })
+        .collect()
 }
 
 /// The first page (up to 10) of a subscription's deliveries.
@@ -268,7 +321,7 @@ fn sub_ids(items: &[Subscription]) -> Vec<String> {
 }
 
 fn delivery_ids(items: &[Delivery]) -> Vec<String> {
-    ids(items, |d| d.id.to_string())
+    ids(items, |d| d.id().to_string())
 }
 
 // ---- cases ----
@@ -327,7 +380,8 @@ pub async fn subscription_insert_get_update_delete<S: Store>(store: &S) {
     changed.callback_url = CallbackUrl::parse("https://other.example.com/x?y=1").unwrap();
     changed.secret = Secret::generate();
     changed.updated_at = ts(5_000);
-    store.update_subscription(&changed).await.unwrap();
+    changed.version = 1;
+    store.update_subscription(&changed, 0).await.unwrap();
     assert_eq!(
         store.get_subscription(&a, &s.id).await.unwrap(),
         Some(changed.clone())
@@ -366,7 +420,7 @@ pub async fn duplicate_subscription_insert_conflicts<S: Store>(store: &S) {
 pub async fn missing_subscription_update_and_delete_are_not_found<S: Store>(store: &S) {
     let a = tenant("tenant-a");
     let ghost = subscription(&a, ts(0));
-    let r = store.update_subscription(&ghost).await;
+    let r = store.update_subscription(&ghost, 0).await;
     assert!(
         matches!(r, Err(StoreError::NotFound)),
         "update of a missing one: {r:?}"
@@ -396,7 +450,7 @@ pub async fn subscriptions_are_isolated_by_tenant<S: Store>(store: &S) {
     let mut hijack = a1.clone();
     hijack.tenant_id = b.clone();
     hijack.callback_url = CallbackUrl::parse("https://evil.example.com/").unwrap();
-    let r = store.update_subscription(&hijack).await;
+    let r = store.update_subscription(&hijack, 0).await;
     assert!(
         matches!(r, Err(StoreError::NotFound)),
         "cross-tenant update: {r:?}"
@@ -463,7 +517,7 @@ pub async fn events_and_deliveries_are_isolated_by_tenant<S: Store>(store: &S) {
     let da = &ea.deliveries[0];
 
     assert_eq!(store.get_event(&b, &ea.event.id).await.unwrap(), None);
-    assert_eq!(store.get_delivery(&b, &da.id).await.unwrap(), None);
+    assert_eq!(store.get_delivery(&b, da.id()).await.unwrap(), None);
     let listed = store
         .list_deliveries(
             &b,
@@ -484,18 +538,18 @@ pub async fn events_and_deliveries_are_isolated_by_tenant<S: Store>(store: &S) {
     );
 
     // B writing A's delivery (same id, B's tenant): not found, and A's is untouched.
-    let mut hijack = da
-        .leased(ts(20), "b-worker".into(), Duration::from_secs(30))
-        .unwrap();
-    hijack.tenant_id = b.clone();
-    hijack.version = da.version + 1;
-    let r = store.update_delivery(&hijack, da.version).await;
+    let hijack = with_tenant(
+        &da.leased(ts(20), "b-worker".into(), Duration::from_secs(30))
+            .unwrap(),
+        &b,
+    );
+    let r = store.update_delivery(&hijack, da.version()).await;
     assert!(
         matches!(r, Err(StoreError::NotFound)),
         "cross-tenant delivery write: {r:?}"
     );
     assert_eq!(
-        store.get_delivery(&a, &da.id).await.unwrap().as_ref(),
+        store.get_delivery(&a, da.id()).await.unwrap().as_ref(),
         Some(da)
     );
     assert_eq!(
@@ -509,7 +563,7 @@ pub async fn events_and_deliveries_are_isolated_by_tenant<S: Store>(store: &S) {
         .await
         .unwrap();
     assert_eq!(due.len(), 1, "{due:?}");
-    assert_eq!((&due[0].tenant_id, &due[0].delivery_id), (&a, &da.id));
+    assert_eq!((&due[0].tenant_id, &due[0].delivery_id), (&a, da.id()));
 }
 
 pub async fn list_subscriptions_pages_oldest_first<S: Store>(store: &S) {
@@ -559,18 +613,19 @@ pub async fn known_idempotency_key_returns_first_event<S: Store>(store: &S) {
     let mut first = new_event(&a, &[&s], ts(10), r#"{"n":1}"#);
     first.idempotency_key = Some("retry-me".into());
     created(store, &first).await;
+    let existing = InsertOutcome::Existing {
+        event_id: first.event.id.clone(),
+        fingerprint: first.event.fingerprint.clone(),
+    };
 
     // A retried publish: new event id, same key.
     let mut retry = new_event(&a, &[&s], ts(20), r#"{"n":2}"#);
     retry.idempotency_key = Some("retry-me".into());
-    assert_eq!(
-        store.insert_event(&retry).await.unwrap(),
-        InsertOutcome::Existing(first.event.id.clone())
-    );
+    assert_eq!(store.insert_event(&retry).await.unwrap(), existing);
     assert_eq!(store.get_event(&a, &retry.event.id).await.unwrap(), None);
     assert_eq!(
         store
-            .get_delivery(&a, &retry.deliveries[0].id)
+            .get_delivery(&a, retry.deliveries[0].id())
             .await
             .unwrap(),
         None
@@ -586,37 +641,34 @@ pub async fn known_idempotency_key_returns_first_event<S: Store>(store: &S) {
     );
 
     // The same retry again, this time with the first event id too.
-    let mut same = first.clone();
-    same.deliveries = new_event(&a, &[&s], ts(30), "1").deliveries;
-    assert_eq!(
-        store.insert_event(&same).await.unwrap(),
-        InsertOutcome::Existing(first.event.id.clone())
-    );
-    assert_eq!(
-        store
-            .get_delivery(&a, &same.deliveries[0].id)
-            .await
-            .unwrap(),
-        None
-    );
+    let same = first.clone();
+    assert_eq!(store.insert_event(&same).await.unwrap(), existing);
+    assert_eq!(first_page(store, &a, &s.id).await, first.deliveries);
 }
 
 pub async fn repeated_event_id_returns_existing<S: Store>(store: &S) {
     let a = tenant("tenant-a");
-    let s = subscription(&a, ts(0));
-    insert_all(store, &[&s]).await;
+    let (s, t) = (subscription(&a, ts(0)), subscription(&a, ts(1)));
+    insert_all(store, &[&s, &t]).await;
     let first = new_event(&a, &[&s], ts(10), r#"{"v":"first"}"#);
     created(store, &first).await;
 
-    // The producer supplied the same eventId again (no Idempotency-Key), with other data.
-    let mut again = new_event(&a, &[&s, &s], ts(20), r#"{"v":"second"}"#);
+    // The producer supplied the same eventId again (no Idempotency-Key), with other data, and
+    // meanwhile another subscription came.
+    let mut again = new_event(&a, &[], ts(20), r#"{"v":"second"}"#);
     again.event.id = first.event.id.clone();
-    for d in &mut again.deliveries {
-        d.event_id = first.event.id.clone();
-    }
+    again.deliveries = deliveries_of(&again.event, &[&s], ts(20));
+    assert_eq!(
+        again.deliveries[0].id(),
+        first.deliveries[0].id(),
+        "derived ids"
+    );
     assert_eq!(
         store.insert_event(&again).await.unwrap(),
-        InsertOutcome::Existing(first.event.id.clone())
+        InsertOutcome::Existing {
+            event_id: first.event.id.clone(),
+            fingerprint: first.event.fingerprint.clone(),
+        }
     );
     let stored = store.get_event(&a, &first.event.id).await.unwrap().unwrap();
     assert_eq!(
@@ -624,21 +676,54 @@ pub async fn repeated_event_id_returns_existing<S: Store>(store: &S) {
         r#"{"v":"first"}"#,
         "the first event stays"
     );
-    for d in &again.deliveries {
-        assert_eq!(store.get_delivery(&a, &d.id).await.unwrap(), None);
-    }
-    let listed = store
-        .list_deliveries(
-            &a,
-            &s.id,
-            &PageRequest {
-                limit: 10,
-                after: None,
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(listed.items, first.deliveries);
+    assert_eq!(
+        first_page(store, &a, &s.id).await,
+        first.deliveries,
+        "the first delivery stays as it was"
+    );
+}
+
+/// A publish that died after writing some deliveries and before its event (DynamoDB writes
+/// deliveries first) is tried again: the deliveries it wrote, progressed or not, stay as they
+/// are under their one id; the missing ones and the event are written.
+pub async fn a_repeated_publish_leaves_existing_deliveries_alone<S: Store>(store: &S) {
+    let a = tenant("tenant-a");
+    let (s, t) = (subscription(&a, ts(0)), subscription(&a, ts(1)));
+    insert_all(store, &[&s, &t]).await;
+    // The first try got as far as one delivery, which a worker has leased since. The store
+    // only sees the outcome of the whole write, so this writes it through a one-delivery
+    // publish of another event and then moves that delivery on by hand.
+    let new = new_event(&a, &[&s, &t], ts(10), r#"{"n":1}"#);
+    let mut partial = new_event(&a, &[], ts(10), "0");
+    partial.deliveries = vec![new.deliveries[0].clone()];
+    created(store, &partial).await;
+    let progressed = save(
+        store,
+        &new.deliveries[0],
+        new.deliveries[0]
+            .leased(ts(11), "worker".into(), Duration::from_secs(30))
+            .unwrap(),
+    )
+    .await;
+
+    created(store, &new).await;
+    assert_eq!(
+        store.get_delivery(&a, progressed.id()).await.unwrap(),
+        Some(progressed.clone()),
+        "the delivery that existed is not reset"
+    );
+    assert_eq!(
+        store
+            .get_delivery(&a, new.deliveries[1].id())
+            .await
+            .unwrap(),
+        Some(new.deliveries[1].clone())
+    );
+    assert_eq!(first_page(store, &a, &s.id).await, vec![progressed]);
+    assert_eq!(
+        store.get_event(&a, &new.event.id).await.unwrap(),
+        Some(new.event.clone())
+    );
 }
 
 pub async fn event_ids_and_idempotency_keys_are_per_tenant<S: Store>(store: &S) {
@@ -694,10 +779,10 @@ pub async fn deliveries_are_written_with_their_event<S: Store>(store: &S) {
         .collect();
     for (s, d) in [&f1, &f2].into_iter().zip(&fresh.deliveries) {
         assert_eq!(
-            store.get_delivery(&f, &d.id).await.unwrap().as_ref(),
+            store.get_delivery(&f, d.id()).await.unwrap().as_ref(),
             Some(d)
         );
-        assert!(due.contains(&d.id), "{} is due", d.id);
+        assert!(due.contains(d.id()), "{} is due", d.id());
         assert_eq!(first_page(store, &f, &s.id).await, vec![d.clone()]);
     }
 
@@ -705,7 +790,7 @@ pub async fn deliveries_are_written_with_their_event<S: Store>(store: &S) {
     created(store, &new).await;
     for d in &new.deliveries {
         assert_eq!(
-            store.get_delivery(&a, &d.id).await.unwrap().as_ref(),
+            store.get_delivery(&a, d.id()).await.unwrap().as_ref(),
             Some(d)
         );
     }
@@ -787,7 +872,7 @@ pub async fn deleting_a_subscription_keeps_its_deliveries<S: Store>(store: &S) {
     store.delete_subscription(&a, &s.id).await.unwrap();
     let d = &new.deliveries[0];
     assert_eq!(
-        store.get_delivery(&a, &d.id).await.unwrap().as_ref(),
+        store.get_delivery(&a, d.id()).await.unwrap().as_ref(),
         Some(d)
     );
     let listed = store
@@ -844,58 +929,108 @@ pub async fn update_delivery_is_version_checked<S: Store>(store: &S) {
     )
     .await;
     assert_eq!(
-        store.get_delivery(&a, &d.id).await.unwrap(),
+        store.get_delivery(&a, d.id()).await.unwrap(),
         Some(w1.clone())
     );
 
     // A second worker read the same version: its lease must lose.
-    let mut w2 = d.leased(ts(21), "worker-2".into(), lease).unwrap();
-    w2.version = d.version + 1;
-    let r = store.update_delivery(&w2, d.version).await;
+    let w2 = d.leased(ts(21), "worker-2".into(), lease).unwrap();
+    let r = store.update_delivery(&w2, d.version()).await;
     assert!(matches!(r, Err(StoreError::Conflict)), "stale write: {r:?}");
     assert_eq!(
-        store.get_delivery(&a, &d.id).await.unwrap(),
+        store.get_delivery(&a, d.id()).await.unwrap(),
         Some(w1.clone())
     );
 
-    let done = w1.with_attempt(
-        attempt(1, ts(22), AttemptClass::Delivered),
-        DeliveryStatus::Succeeded,
-        None,
-        None,
-        ts(23),
-    );
-    let done = save(store, &w1, done).await;
+    let done = save(
+        store,
+        &w1,
+        attempted(&w1, ts(60_000), AttemptClass::Delivered, GRACE),
+    )
+    .await;
     assert_eq!(
-        store.get_delivery(&a, &d.id).await.unwrap(),
+        store.get_delivery(&a, d.id()).await.unwrap(),
         Some(done.clone())
     );
     // Writing over w1's version again is stale now.
-    let mut late = w1.clone();
-    late.version = w1.version + 1;
-    let r = store.update_delivery(&late, w1.version).await;
+    let late = w1.with_due_at_for_tests(w1.due_at());
+    let r = store.update_delivery(&late, w1.version()).await;
     assert!(
         matches!(r, Err(StoreError::Conflict)),
         "stale write after success: {r:?}"
     );
-    assert_eq!(store.get_delivery(&a, &d.id).await.unwrap(), Some(done));
+    assert_eq!(
+        store.get_delivery(&a, d.id()).await.unwrap(),
+        Some(done.clone())
+    );
+    // The very write that succeeded, repeated (an SDK retry after its answer was lost),
+    // recognises itself and succeeds.
+    let repeated = store.update_delivery(&done, w1.version()).await;
+    assert!(
+        repeated.is_ok(),
+        "a repeat of the committed write: {repeated:?}"
+    );
+    assert_eq!(store.get_delivery(&a, d.id()).await.unwrap(), Some(done));
+}
+
+pub async fn update_subscription_is_version_checked<S: Store>(store: &S) {
+    let a = tenant("tenant-a");
+    let s = subscription(&a, ts(0));
+    insert_all(store, &[&s]).await;
+    // Two writers read version 0: a PATCH and a `410 Gone` handler.
+    let mut patched = s.clone();
+    patched.description = "patched".into();
+    patched.version = 1;
+    let mut disabled = s.clone();
+    disabled.status = SubscriptionStatus::Disabled;
+    disabled.version = 1;
+    store.update_subscription(&patched, 0).await.unwrap();
+    let r = store.update_subscription(&disabled, 0).await;
+    assert!(matches!(r, Err(StoreError::Conflict)), "stale write: {r:?}");
+    assert_eq!(
+        store.get_subscription(&a, &s.id).await.unwrap(),
+        Some(patched.clone())
+    );
+    // The loser reads again and applies its change on top: both changes stay.
+    let mut both = patched.clone();
+    both.status = SubscriptionStatus::Disabled;
+    both.version = 2;
+    store.update_subscription(&both, 1).await.unwrap();
+    assert_eq!(store.get_subscription(&a, &s.id).await.unwrap(), Some(both));
+}
+
+pub async fn list_cursors_are_checked<S: Store>(store: &S) {
+    let a = tenant("tenant-a");
+    let s = subscription(&a, ts(0));
+    insert_all(store, &[&s]).await;
+    for cursor in ["nonsense", "#", &"9".repeat(2_000), "0000000000000#dlv_x"] {
+        let page = PageRequest {
+            limit: 10,
+            after: Some(cursor.to_owned()),
+        };
+        let r = store.list_deliveries(&a, &s.id, &page).await;
+        assert!(
+            matches!(r, Err(StoreError::BadCursor)),
+            "deliveries after {:.40}: {r:?}",
+            cursor
+        );
+    }
 }
 
 pub async fn update_of_unknown_delivery_is_not_found<S: Store>(store: &S) {
     let a = tenant("tenant-a");
     let s = subscription(&a, ts(0));
     let ghost = delivery_for(&a, &s, ts(10));
-    let mut next = ghost
+    let next = ghost
         .leased(ts(20), "w".into(), Duration::from_secs(30))
         .unwrap();
-    next.version = 1;
     let r = store.update_delivery(&next, 0).await;
     assert!(
         matches!(r, Err(StoreError::NotFound)),
         "unknown delivery: {r:?}"
     );
     // The failed write must not have created it.
-    assert_eq!(store.get_delivery(&a, &ghost.id).await.unwrap(), None);
+    assert_eq!(store.get_delivery(&a, ghost.id()).await.unwrap(), None);
     assert_eq!(
         store.due_deliveries(ts(1_000_000), 10).await.unwrap(),
         vec![]
@@ -904,10 +1039,11 @@ pub async fn update_of_unknown_delivery_is_not_found<S: Store>(store: &S) {
 
 pub async fn due_deliveries_returns_due_work_earliest_first<S: Store>(store: &S) {
     let (a, b) = (tenant("tenant-a"), tenant("tenant-b"));
-    let (sa, sb) = (subscription(&a, ts(0)), subscription(&b, ts(0)));
+    let (sa, sa2) = (subscription(&a, ts(0)), subscription(&a, ts(1)));
+    let (sb, sb2) = (subscription(&b, ts(0)), subscription(&b, ts(1)));
     let t0 = ts(0);
-    let ea = new_event(&a, &[&sa, &sa], t0, "{}");
-    let eb = new_event(&b, &[&sb, &sb], t0, "{}");
+    let ea = new_event(&a, &[&sa, &sa2], t0, "{}");
+    let eb = new_event(&b, &[&sb, &sb2], t0, "{}");
     created(store, &ea).await;
     created(store, &eb).await;
     let (pending, done) = (&ea.deliveries[0], &ea.deliveries[1]);
@@ -915,30 +1051,27 @@ pub async fn due_deliveries_returns_due_work_earliest_first<S: Store>(store: &S)
 
     // pending: untouched, due after the grace (t0 + 60 s).
     // leased, and due at t0 + 30 s (set by hand: this checks the store's index, not a policy).
-    let mut next = leased
+    let next = leased
         .leased(t0, "w".into(), Duration::from_secs(30))
-        .unwrap();
-    next.due_at = Some(ts(30_000));
+        .unwrap()
+        .with_due_at_for_tests(Some(ts(30_000)));
     save(store, leased, next).await;
     // retrying: one failed attempt, due again at t0 + 10 s.
     let retry_at = ts(10_000);
-    let next = retrying.with_attempt(
-        attempt(1, t0, AttemptClass::Retryable),
-        DeliveryStatus::Retrying,
-        Some(retry_at),
-        Some(retry_at),
+    let next = attempted(
+        retrying,
         t0,
+        AttemptClass::Retryable,
+        Duration::from_secs(10),
     );
     save(store, retrying, next).await;
     // done: succeeded, never due again.
-    let next = done.with_attempt(
-        attempt(1, t0, AttemptClass::Delivered),
-        DeliveryStatus::Succeeded,
-        None,
-        None,
-        t0,
-    );
-    save(store, done, next).await;
+    save(
+        store,
+        done,
+        attempted(done, t0, AttemptClass::Delivered, GRACE),
+    )
+    .await;
 
     let due = |now: Timestamp, limit: u32| async move {
         store
@@ -949,9 +1082,9 @@ pub async fn due_deliveries_returns_due_work_earliest_first<S: Store>(store: &S)
             .map(|d| (d.tenant_id, d.delivery_id, d.due_at))
             .collect::<Vec<_>>()
     };
-    let r = (b.clone(), retrying.id.clone(), retry_at);
-    let l = (b.clone(), leased.id.clone(), ts(30_000));
-    let p = (a.clone(), pending.id.clone(), ts(60_000));
+    let r = (b.clone(), retrying.id().clone(), retry_at);
+    let l = (b.clone(), leased.id().clone(), ts(30_000));
+    let p = (a.clone(), pending.id().clone(), ts(60_000));
 
     assert_eq!(due(ts(9_999), 10).await, vec![], "nothing due yet");
     assert_eq!(
@@ -974,57 +1107,67 @@ pub async fn due_deliveries_returns_due_work_earliest_first<S: Store>(store: &S)
 
 pub async fn due_index_follows_delivery_updates<S: Store>(store: &S) {
     let a = tenant("tenant-a");
-    let s = subscription(&a, ts(0));
-    let new = new_event(&a, &[&s, &s], ts(0), "{}");
+    let (s, t, u) = (
+        subscription(&a, ts(0)),
+        subscription(&a, ts(1)),
+        subscription(&a, ts(2)),
+    );
+    insert_all(store, &[&s, &t, &u]).await;
+    let new = new_event(&a, &[&s, &t, &u], ts(0), "{}");
     created(store, &new).await;
-    let (finishing, postponed) = (&new.deliveries[0], &new.deliveries[1]);
+    let (finishing, postponed, holding) =
+        (&new.deliveries[0], &new.deliveries[1], &new.deliveries[2]);
     let due_ids = |now: Timestamp| async move {
-        store
+        let mut ids = store
             .due_deliveries(now, 100)
             .await
             .unwrap()
             .into_iter()
             .map(|d| d.delivery_id)
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>();
+        ids.sort();
+        ids
     };
     let grace_over = ts(0).saturating_add(GRACE);
-    assert_eq!(due_ids(grace_over).await.len(), 2);
+    assert_eq!(due_ids(grace_over).await.len(), 3);
 
     // Going final leaves the due index.
-    let next = finishing.with_attempt(
-        attempt(1, ts(5), AttemptClass::Permanent),
-        DeliveryStatus::Failed,
-        None,
-        None,
-        ts(6),
-    );
-    save(store, finishing, next).await;
+    save(
+        store,
+        finishing,
+        attempted(finishing, ts(5), AttemptClass::Permanent, GRACE),
+    )
+    .await;
     // Rescheduling moves it.
-    let later = ts(7_200_000);
-    let next = postponed.with_attempt(
-        attempt(1, ts(5), AttemptClass::Retryable),
-        DeliveryStatus::Retrying,
-        Some(later),
-        Some(later),
-        ts(6),
+    let later = ts(7_200_005);
+    let next = attempted(
+        postponed,
+        ts(5),
+        AttemptClass::Retryable,
+        Duration::from_secs(7_200),
     );
     save(store, postponed, next).await;
+    // Holding leaves it.
+    let held = save(store, holding, holding.held(ts(5), "paused").unwrap()).await;
     assert_eq!(
         due_ids(grace_over).await,
         vec![],
-        "neither is due at the old time"
+        "none is due at the old time"
     );
-    assert_eq!(due_ids(later).await, vec![postponed.id.clone()]);
+    assert_eq!(due_ids(later).await, vec![postponed.id().clone()]);
 
-    // And an operator's retry brings a final delivery back.
+    // An operator's resend brings a final delivery back; a release, a held one.
     let failed = store
-        .get_delivery(&a, &finishing.id)
+        .get_delivery(&a, finishing.id())
         .await
         .unwrap()
         .unwrap();
-    save(store, &failed, failed.rescheduled(ts(10), GRACE)).await;
+    save(store, &failed, failed.resent(ts(10), GRACE).unwrap()).await;
+    save(store, &held, held.released(ts(10), GRACE).unwrap()).await;
     let back = ts(10).saturating_add(GRACE);
-    assert_eq!(due_ids(back).await, vec![finishing.id.clone()]);
+    let mut expected = vec![finishing.id().clone(), holding.id().clone()];
+    expected.sort();
+    assert_eq!(due_ids(back).await, expected);
 }
 
 pub async fn timestamps_round_trip_exactly<S: Store>(store: &S) {
@@ -1046,17 +1189,16 @@ pub async fn timestamps_round_trip_exactly<S: Store>(store: &S) {
     assert_eq!(stored.received_at, new.event.received_at);
 
     let d = &new.deliveries[0];
-    let odd = ts(123_457);
     let far = Timestamp::from_unix_millis(4_102_444_800_001); // 2100-01-01T00:00:00.001Z
-    let next = d.with_attempt(
-        attempt(1, ts(11), AttemptClass::Retryable),
-        DeliveryStatus::Retrying,
-        Some(odd),
-        Some(far),
-        ts(13),
-    );
+    let next = attempted(
+        d,
+        ts(11),
+        AttemptClass::Retryable,
+        Duration::from_millis(123_457),
+    )
+    .with_due_at_for_tests(Some(far));
     let written = save(store, d, next).await;
-    assert_eq!(store.get_delivery(&a, &d.id).await.unwrap(), Some(written));
+    assert_eq!(store.get_delivery(&a, d.id()).await.unwrap(), Some(written));
     let due = store.due_deliveries(far, 10).await.unwrap();
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].due_at, far);

@@ -19,6 +19,9 @@ pub enum StoreError {
     /// A conditional write lost: someone else changed the item first.
     #[error("conflicting write")]
     Conflict,
+    /// A page cursor this store did not hand out.
+    #[error("invalid page cursor")]
+    BadCursor,
     #[error("store unavailable: {0}")]
     Unavailable(#[source] BoxError),
 }
@@ -45,7 +48,9 @@ pub struct Page<T> {
     pub next: Option<String>,
 }
 
-/// An event and its deliveries, written all or nothing.
+/// An event and its deliveries. A store makes the event visible only once all its deliveries
+/// exist, and a delivery that exists already (same derived id, from an earlier try of the same
+/// publish) is left as it is, never reset.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
     pub event: Event,
@@ -57,8 +62,12 @@ pub struct NewEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InsertOutcome {
     Created,
-    /// The idempotency key or event id was seen before: this is the event it created.
-    Existing(EventId),
+    /// The idempotency key or event id was seen before: this is the event it created, and the
+    /// fingerprint of what was published then (empty where the store has none).
+    Existing {
+        event_id: EventId,
+        fingerprint: String,
+    },
 }
 
 /// A delivery the sweep should look at.
@@ -93,10 +102,12 @@ pub trait Store: Send + Sync + 'static {
         tenant: &TenantId,
         page: &PageRequest,
     ) -> impl Future<Output = StoreResult<Page<Subscription>>> + Send;
-    /// Replaces an existing subscription; `NotFound` if it is gone.
+    /// Writes `subscription` (whose `version` is already bumped) only if the stored version is
+    /// `expected_version`: `Conflict` if it changed meanwhile, `NotFound` if it is gone.
     fn update_subscription(
         &self,
         subscription: &Subscription,
+        expected_version: u64,
     ) -> impl Future<Output = StoreResult<()>> + Send;
     /// `NotFound` if it is not there (or belongs to another tenant).
     fn delete_subscription(
@@ -242,8 +253,9 @@ impl<T: Store> Store for Arc<T> {
     fn update_subscription(
         &self,
         subscription: &Subscription,
+        expected_version: u64,
     ) -> impl Future<Output = StoreResult<()>> + Send {
-        (**self).update_subscription(subscription)
+        (**self).update_subscription(subscription, expected_version)
     }
     fn delete_subscription(
         &self,

@@ -42,7 +42,7 @@ use crate::ports::{
 };
 
 /// Bumped with every schema change; `open` migrates older files forward.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// The most writes one group commit takes: bounds how long the first of them waits.
 const MAX_BATCH: usize = 256;
@@ -97,6 +97,17 @@ CREATE INDEX IF NOT EXISTS deliveries_by_subscription
 -- Sparse: final deliveries (due_at NULL) leave the index, so the sweep reads only live work.
 CREATE INDEX IF NOT EXISTS deliveries_due
     ON deliveries (due_at) WHERE due_at IS NOT NULL;
+";
+
+/// Version 2: a subscription's deliveries are listed by creation time (delivery ids are derived
+/// from the event and subscription, so they no longer sort by time).
+const SCHEMA_V2: &str = "
+ALTER TABLE deliveries ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;
+UPDATE deliveries SET created_at =
+    CAST(round(unixepoch(json_extract(body, '$.createdAt'), 'subsec') * 1000) AS INTEGER);
+DROP INDEX IF EXISTS deliveries_by_subscription;
+CREATE INDEX deliveries_by_subscription
+    ON deliveries (tenant_id, subscription_id, created_at, id);
 ";
 
 /// A [`Store`] over one SQLite database. Clones share the connections and their threads, which
@@ -374,34 +385,27 @@ impl SqliteStore {
     /// (or now), so the sweep sends it again. Returns how many were touched.
     pub async fn recover_after_restart(&self, now: Timestamp) -> Result<usize, StoreError> {
         self.write(move |conn| {
-            // Unfinished deliveries are all in the due index.
-            let leased: Vec<Delivery> = {
+            // Unfinished deliveries that are not held are all in the due index.
+            let recovered: Vec<(Delivery, u64)> = {
                 let mut stmt = conn
                     .prepare("SELECT body FROM deliveries WHERE due_at IS NOT NULL")
                     .map_err(StoreError::unavailable)?;
                 let rows = stmt
                     .query_map([], |row| row.get::<_, String>(0))
                     .map_err(StoreError::unavailable)?;
-                let mut leased = Vec::new();
+                let mut recovered = Vec::new();
                 for body in rows {
                     let d: Delivery = decode(&body.map_err(StoreError::unavailable)?)?;
-                    let due = d.next_attempt_at.map_or(now, |t| t.max(now));
-                    if !d.status.is_final() && (d.lease.is_some() || d.due_at != Some(due)) {
-                        leased.push(d);
+                    if let Some(next) = d.recovered(now) {
+                        recovered.push((next, d.version()));
                     }
                 }
-                leased
+                recovered
             };
-            for d in &leased {
-                let expected = d.version;
-                let mut next = d.clone();
-                next.lease = None;
-                next.due_at = Some(d.next_attempt_at.map_or(now, |t| t.max(now)));
-                next.updated_at = now;
-                next.version = expected.saturating_add(1);
-                write_delivery(conn, &DeliveryWrite::new(&next, expected)?)?;
+            for (next, expected) in &recovered {
+                write_delivery(conn, &DeliveryWrite::new(next, *expected)?)?;
             }
-            Ok(leased.len())
+            Ok(recovered.len())
         })
         .await
     }
@@ -501,6 +505,10 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     if version < 1 {
         tx.execute_batch(SCHEMA_V1)
+            .map_err(StoreError::unavailable)?;
+    }
+    if version < 2 {
+        tx.execute_batch(SCHEMA_V2)
             .map_err(StoreError::unavailable)?;
     }
     if version < SCHEMA_VERSION {
@@ -696,10 +704,10 @@ struct DeliveryWrite {
 impl DeliveryWrite {
     fn new(delivery: &Delivery, expected_version: u64) -> StoreResult<Self> {
         Ok(Self {
-            tenant: delivery.tenant_id.clone(),
-            id: delivery.id.clone(),
-            version: delivery.version,
-            due_at: millis(delivery.due_at),
+            tenant: delivery.tenant_id().clone(),
+            id: delivery.id().clone(),
+            version: delivery.version(),
+            due_at: millis(delivery.due_at()),
             body: encode(delivery)?,
             expected_version,
         })
@@ -727,15 +735,19 @@ fn write_delivery(conn: &Connection, w: &DeliveryWrite) -> StoreResult<()> {
     if changed == 1 {
         return Ok(());
     }
-    let exists = conn
-        .prepare_cached("SELECT 1 FROM deliveries WHERE tenant_id = ?1 AND id = ?2")
-        .and_then(|mut stmt| stmt.exists(params![w.tenant.as_str(), w.id.as_str()]))
+    let stored: Option<String> = conn
+        .prepare_cached("SELECT body FROM deliveries WHERE tenant_id = ?1 AND id = ?2")
+        .and_then(|mut stmt| {
+            stmt.query_row(params![w.tenant.as_str(), w.id.as_str()], |row| row.get(0))
+                .optional()
+        })
         .map_err(StoreError::unavailable)?;
-    Err(if exists {
-        StoreError::Conflict
-    } else {
-        StoreError::NotFound
-    })
+    match stored {
+        None => Err(StoreError::NotFound),
+        // This very write, repeated: it committed before.
+        Some(body) if body == w.body => Ok(()),
+        Some(_) => Err(StoreError::Conflict),
+    }
 }
 
 /// The event and its deliveries, all or nothing (the caller's savepoint undoes a partial insert).
@@ -759,15 +771,18 @@ fn insert_event(
             .map_err(StoreError::unavailable)?;
         if let Some(seen) = seen {
             let id = EventId::parse(&seen).map_err(StoreError::unavailable)?;
-            return Ok(InsertOutcome::Existing(id));
+            let fingerprint = event_fingerprint(conn, tenant, &id)?.unwrap_or_default();
+            return Ok(InsertOutcome::Existing {
+                event_id: id,
+                fingerprint,
+            });
         }
     }
-    let exists = conn
-        .prepare_cached("SELECT 1 FROM events WHERE tenant_id = ?1 AND id = ?2")
-        .and_then(|mut stmt| stmt.exists(params![tenant.as_str(), event_id.as_str()]))
-        .map_err(StoreError::unavailable)?;
-    if exists {
-        return Ok(InsertOutcome::Existing(event_id));
+    if let Some(fingerprint) = event_fingerprint(conn, tenant, &event_id)? {
+        return Ok(InsertOutcome::Existing {
+            event_id,
+            fingerprint,
+        });
     }
     conn.prepare_cached("INSERT INTO events (tenant_id, id, body) VALUES (?1, ?2, ?3)")
         .and_then(|mut stmt| stmt.execute(params![tenant.as_str(), event_id.as_str(), event_body]))
@@ -779,24 +794,46 @@ fn insert_event(
         .and_then(|mut stmt| stmt.execute(params![tenant.as_str(), key, event_id.as_str()]))
         .map_err(StoreError::unavailable)?;
     }
+    // A delivery that exists already (its id is derived) stays as it is.
     let mut stmt = conn
         .prepare_cached(
-            "INSERT INTO deliveries (tenant_id, id, subscription_id, version, due_at, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO deliveries
+                 (tenant_id, id, subscription_id, version, due_at, created_at, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (tenant_id, id) DO NOTHING",
         )
         .map_err(StoreError::unavailable)?;
     for (d, body) in deliveries {
         stmt.execute(params![
-            d.tenant_id.as_str(),
-            d.id.as_str(),
-            d.subscription_id.as_str(),
-            d.version,
-            millis(d.due_at),
+            d.tenant_id().as_str(),
+            d.id().as_str(),
+            d.subscription_id().as_str(),
+            d.version(),
+            millis(d.due_at()),
+            d.created_at().unix_millis(),
             body,
         ])
         .map_err(StoreError::unavailable)?;
     }
     Ok(InsertOutcome::Created)
+}
+
+/// The stored event's fingerprint (empty for events stored before fingerprints); `None` if the
+/// event does not exist.
+fn event_fingerprint(
+    conn: &Connection,
+    tenant: &TenantId,
+    id: &EventId,
+) -> StoreResult<Option<String>> {
+    conn.prepare_cached(
+        "SELECT coalesce(json_extract(body, '$.fingerprint'), '') FROM events
+         WHERE tenant_id = ?1 AND id = ?2",
+    )
+    .and_then(|mut stmt| {
+        stmt.query_row(params![tenant.as_str(), id.as_str()], |row| row.get(0))
+            .optional()
+    })
+    .map_err(StoreError::unavailable)
 }
 
 impl Store for SqliteStore {
@@ -895,21 +932,42 @@ impl Store for SqliteStore {
         Ok(into_page(items, limit, |s| s.id.as_str().to_owned()))
     }
 
-    async fn update_subscription(&self, subscription: &Subscription) -> StoreResult<()> {
+    async fn update_subscription(
+        &self,
+        subscription: &Subscription,
+        expected_version: u64,
+    ) -> StoreResult<()> {
         let body = encode(subscription)?;
         let tenant = subscription.tenant_id.clone();
         let id = subscription.id.clone();
         self.write(move |conn| {
+            // Bodies written before versions existed have none: version 0.
             let changed = conn
                 .prepare_cached(
-                    "UPDATE subscriptions SET body = ?3 WHERE tenant_id = ?1 AND id = ?2",
+                    "UPDATE subscriptions SET body = ?3 WHERE tenant_id = ?1 AND id = ?2
+                     AND coalesce(json_extract(body, '$.version'), 0) = ?4",
                 )
-                .and_then(|mut stmt| stmt.execute(params![tenant.as_str(), id.as_str(), body]))
+                .and_then(|mut stmt| {
+                    stmt.execute(params![
+                        tenant.as_str(),
+                        id.as_str(),
+                        body,
+                        expected_version
+                    ])
+                })
                 .map_err(StoreError::unavailable)?;
-            if changed == 0 {
-                return Err(StoreError::NotFound);
+            if changed == 1 {
+                return Ok(());
             }
-            Ok(())
+            let exists = conn
+                .prepare_cached("SELECT 1 FROM subscriptions WHERE tenant_id = ?1 AND id = ?2")
+                .and_then(|mut stmt| stmt.exists(params![tenant.as_str(), id.as_str()]))
+                .map_err(StoreError::unavailable)?;
+            Err(if exists {
+                StoreError::Conflict
+            } else {
+                StoreError::NotFound
+            })
         })
         .await
     }
@@ -1012,7 +1070,15 @@ impl Store for SqliteStore {
     ) -> StoreResult<Page<Delivery>> {
         let (tenant, subscription) = (tenant.clone(), subscription.clone());
         let limit = page_limit(page);
-        let after = page.after.clone();
+        let after = page
+            .after
+            .as_deref()
+            .map(|cursor| {
+                let (millis, id) = cursor.split_once('.').ok_or(StoreError::BadCursor)?;
+                let millis: i64 = millis.parse().map_err(|_| StoreError::BadCursor)?;
+                Ok((millis, id.to_owned()))
+            })
+            .transpose()?;
         let bodies = self
             .read(move |conn| {
                 let fetch = i64::from(limit) + 1;
@@ -1020,21 +1086,23 @@ impl Store for SqliteStore {
                     None => query_bodies(
                         conn,
                         "SELECT body FROM deliveries WHERE tenant_id = ?1 AND subscription_id = ?2
-                         ORDER BY id DESC LIMIT ?3",
+                         ORDER BY created_at DESC, id DESC LIMIT ?3",
                         params![tenant.as_str(), subscription.as_str(), fetch],
                     ),
-                    Some(after) => query_bodies(
+                    Some((millis, id)) => query_bodies(
                         conn,
                         "SELECT body FROM deliveries
-                         WHERE tenant_id = ?1 AND subscription_id = ?2 AND id < ?3
-                         ORDER BY id DESC LIMIT ?4",
-                        params![tenant.as_str(), subscription.as_str(), after, fetch],
+                         WHERE tenant_id = ?1 AND subscription_id = ?2 AND (created_at, id) < (?3, ?4)
+                         ORDER BY created_at DESC, id DESC LIMIT ?5",
+                        params![tenant.as_str(), subscription.as_str(), millis, id, fetch],
                     ),
                 }
             })
             .await?;
         let items: Vec<Delivery> = decode_all(&bodies)?;
-        Ok(into_page(items, limit, |d| d.id.as_str().to_owned()))
+        Ok(into_page(items, limit, |d| {
+            format!("{}.{}", d.created_at().unix_millis(), d.id())
+        }))
     }
 
     async fn due_deliveries(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<DueDelivery>> {
@@ -1076,8 +1144,7 @@ const DUE_QUERY: &str = "SELECT tenant_id, id, due_at FROM deliveries
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conformance::{attempt, new_event, save, subscription, tenant, ts};
-    use crate::domain::{DeliveryStatus, Lease};
+    use crate::conformance::{GRACE, attempted, new_event, save, subscription, tenant, ts};
     use crate::retry::AttemptClass;
 
     crate::store_conformance_tests!(fresh_store);
@@ -1167,7 +1234,7 @@ mod tests {
         );
         let d = &new.deliveries[0];
         assert_eq!(
-            store.get_delivery(&a, &d.id).await.unwrap().as_ref(),
+            store.get_delivery(&a, d.id()).await.unwrap().as_ref(),
             Some(d)
         );
         let version: i64 = store
@@ -1250,15 +1317,15 @@ mod tests {
     async fn recover_after_restart_makes_unfinished_deliveries_due() {
         let store = fresh_store().await;
         let a = tenant("a");
-        let sub = subscription(&a, ts(1_000));
+        let subs: Vec<_> = (0..4).map(|i| subscription(&a, ts(1_000 + i))).collect();
         let t0 = ts(10_000);
-        let new = new_event(&a, &[&sub, &sub, &sub], t0, "{}");
+        let new = new_event(&a, &subs.iter().collect::<Vec<_>>(), t0, "{}");
         assert_eq!(
             store.insert_event(&new).await.unwrap(),
             InsertOutcome::Created
         );
-        let [idle, leased, finished] = new.deliveries.as_slice() else {
-            panic!("three deliveries");
+        let [idle, leased, finished, held] = new.deliveries.as_slice() else {
+            panic!("four deliveries");
         };
 
         // Leased, as a worker that crashed mid-attempt leaves it.
@@ -1269,40 +1336,36 @@ mod tests {
             leased.leased(t0, "w1".into(), lease).unwrap(),
         )
         .await;
-        // Final, yet still carrying a lease (a stale write): not live work, so left alone.
-        let mut done = finished.with_attempt(
-            attempt(1, t0, AttemptClass::Delivered),
-            DeliveryStatus::Succeeded,
-            None,
-            None,
-            t0,
-        );
-        done.lease = Some(Lease {
-            token: "old".into(),
-            expires_at: ts(99_000),
-        });
-        let done = save(&store, finished, done).await;
+        // Final, and held: not live work, so left alone.
+        let done = save(
+            &store,
+            finished,
+            attempted(finished, t0, AttemptClass::Delivered, GRACE),
+        )
+        .await;
+        let held = save(&store, held, held.held(t0, "paused").unwrap()).await;
 
         let now = ts(20_000);
         // The leased one and the idle one (its queue message died with the process).
         assert_eq!(store.recover_after_restart(now).await.unwrap(), 2);
 
-        let released = store.get_delivery(&a, &leased.id).await.unwrap().unwrap();
-        assert_eq!(released.lease, None);
-        assert_eq!(released.due_at, Some(now));
-        assert_eq!(released.version, leased_now.version + 1);
-        assert_eq!(released.status, leased_now.status);
-        assert_eq!(released.attempts, leased_now.attempts);
+        let released = store.get_delivery(&a, leased.id()).await.unwrap().unwrap();
+        assert_eq!(released.current_lease(), None);
+        assert_eq!(released.due_at(), Some(now));
+        assert_eq!(released.version(), leased_now.version() + 1);
+        assert_eq!(released.status(), leased_now.status());
+        assert_eq!(released.attempts(), leased_now.attempts());
         // Leasable again at once (its lease had 50 s left), and the sweep sees it as due now.
         assert!(released.leased(now, "w2".into(), lease).is_ok());
         let due = store.due_deliveries(now, 10).await.unwrap();
         assert_eq!(due.len(), 2, "{due:?}");
         assert!(due.iter().all(|d| d.due_at == now));
 
-        let idle_now = store.get_delivery(&a, &idle.id).await.unwrap().unwrap();
-        assert_eq!(idle_now.due_at, Some(now), "was {:?}", idle.due_at);
-        assert_eq!(idle_now.next_attempt_at, idle.next_attempt_at);
-        assert_eq!(store.get_delivery(&a, &done.id).await.unwrap(), Some(done));
+        let idle_now = store.get_delivery(&a, idle.id()).await.unwrap().unwrap();
+        assert_eq!(idle_now.due_at(), Some(now), "was {:?}", idle.due_at());
+        assert_eq!(idle_now.next_attempt_at(), idle.next_attempt_at());
+        assert_eq!(store.get_delivery(&a, done.id()).await.unwrap(), Some(done));
+        assert_eq!(store.get_delivery(&a, held.id()).await.unwrap(), Some(held));
         // Nothing left to release.
         assert_eq!(store.recover_after_restart(now).await.unwrap(), 0);
     }
@@ -1325,10 +1388,6 @@ mod tests {
         let first = new_event(&a, &[&sub], ts(2_000), "{}");
         store.insert_event(&first).await.unwrap();
         let contested = first.deliveries[0].clone();
-        let mut leased = contested
-            .leased(ts(3_000), "w".into(), Duration::from_secs(60))
-            .unwrap();
-        leased.version = contested.version + 1;
         let twin = subscription(&a, ts(4_000));
 
         let gate = store.hold_writer();
@@ -1336,8 +1395,12 @@ mod tests {
         let mut tasks = Vec::new();
         for i in 0..200_i64 {
             let store = store.clone();
-            let (a, sub, twin, leased) = (a.clone(), sub.clone(), twin.clone(), leased.clone());
-            let contested_version = contested.version;
+            let (a, sub, twin) = (a.clone(), sub.clone(), twin.clone());
+            let contested_version = contested.version();
+            // Each worker's lease has its own token.
+            let leased = contested
+                .leased(ts(3_000), format!("w{i}"), Duration::from_secs(60))
+                .unwrap();
             tasks.push(tokio::spawn(async move {
                 match i % 5 {
                     // 80 events with no key: each is new.
@@ -1380,7 +1443,7 @@ mod tests {
                     fresh += 1;
                 }
                 Answer::SameKey(id, Ok(InsertOutcome::Created)) => key_winners.push(id.clone()),
-                Answer::SameKey(id, Ok(InsertOutcome::Existing(seen))) => {
+                Answer::SameKey(id, Ok(InsertOutcome::Existing { event_id: seen, .. })) => {
                     key_losers.push((id.clone(), seen.clone()));
                 }
                 Answer::Subscription(Ok(())) | Answer::Delivery(Ok(())) => {
@@ -1414,10 +1477,17 @@ mod tests {
             store.get_subscription(&a, &twin.id).await.unwrap(),
             Some(twin)
         );
+        let won = store
+            .get_delivery(&a, contested.id())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(
-            store.get_delivery(&a, &contested.id).await.unwrap(),
-            Some(leased)
+            won.version(),
+            contested.version() + 1,
+            "one lease was written"
         );
+        assert!(won.current_lease().is_some());
         // 1 + 80 + 1 events, each with one delivery; all visible to a new connection.
         drop(store);
         let again = SqliteStore::open(&dir.path().join("t.db")).unwrap();
@@ -1436,9 +1506,8 @@ mod tests {
         store.insert_subscription(&sub).await.unwrap();
         let before_ok = new_event(&a, &[&sub], ts(2_000), "{}");
         let after_ok = new_event(&a, &[&sub], ts(2_001), "{}");
-        // Its second delivery clashes with its first, after the event row is written.
-        let mut broken = new_event(&a, &[&sub, &sub], ts(2_002), "{}");
-        broken.deliveries[1].id = broken.deliveries[0].id.clone();
+        // A write that fails after writing its event, key and delivery rows.
+        let mut broken = new_event(&a, &[&sub], ts(2_002), "{}");
         broken.idempotency_key = Some("k".into());
 
         let gate = store.hold_writer();
@@ -1447,7 +1516,26 @@ mod tests {
         let (e1, e2, e3) = (before_ok.clone(), broken.clone(), after_ok.clone());
         let first = tokio::spawn(async move { s1.insert_event(&e1).await });
         store.until_submitted(store.submitted() + 1).await;
-        let middle = tokio::spawn(async move { s2.insert_event(&e2).await });
+        let middle = tokio::spawn(async move {
+            let event_body = encode(&e2.event)?;
+            let deliveries = e2
+                .deliveries
+                .iter()
+                .map(|d| Ok((d.clone(), encode(d)?)))
+                .collect::<StoreResult<Vec<_>>>()?;
+            s2.write(move |conn| {
+                insert_event(
+                    conn,
+                    &e2.event.tenant_id,
+                    e2.event.id.clone(),
+                    e2.idempotency_key.as_deref(),
+                    &event_body,
+                    &deliveries,
+                )?;
+                Err::<InsertOutcome, _>(StoreError::unavailable("failed after its writes"))
+            })
+            .await
+        });
         store.until_submitted(store.submitted() + 1).await;
         let last = tokio::spawn(async move { s3.insert_event(&e3).await });
         store.until_submitted(store.submitted() + 1).await;
@@ -1479,7 +1567,7 @@ mod tests {
         assert_eq!(store.get_event(&a, &broken.event.id).await.unwrap(), None);
         assert_eq!(
             store
-                .get_delivery(&a, &broken.deliveries[0].id)
+                .get_delivery(&a, broken.deliveries[0].id())
                 .await
                 .unwrap(),
             None

@@ -15,8 +15,10 @@ use tidings_core::aws::dynamo::{
     DUE_AT, DUE_INDEX, DUE_SHARD, DUE_SHARDS, DynamoStore, LIST_INDEX, PK, TTL_ATTRIBUTE,
     load_sdk_config,
 };
-use tidings_core::conformance::{GRACE, delivery_pages, new_event, subscription, tenant, ts};
-use tidings_core::domain::Timestamp;
+use tidings_core::conformance::{
+    GRACE, deliveries_of, delivery_pages, new_event, subscription, tenant, ts,
+};
+use tidings_core::domain::{Subscription, TenantId, Timestamp};
 use tidings_core::ports::{InsertOutcome, Store};
 
 tidings_core::store_conformance_tests!(fresh_store);
@@ -162,6 +164,11 @@ async fn create_table_is_idempotent_and_sets_ttl_and_indexes() {
     );
 }
 
+/// `n` subscriptions of `tenant` (fixtures only: a store writes deliveries for any id).
+fn subscriptions(tenant: &TenantId, n: i64) -> Vec<Subscription> {
+    (0..n).map(|i| subscription(tenant, ts(i))).collect()
+}
+
 #[tokio::test]
 async fn sweep_reads_a_sparse_index_sharded_and_merged_in_due_order() {
     let client = client().await;
@@ -169,18 +176,17 @@ async fn sweep_reads_a_sparse_index_sharded_and_merged_in_due_order() {
     DynamoStore::create_table(&client, &table).await.unwrap();
     let store = DynamoStore::new(client.clone(), &table);
     let a = tenant("a");
-    let s = subscription(&a, ts(0));
-    store.insert_subscription(&s).await.unwrap();
+    let subs = subscriptions(&a, 41);
 
     // 40 deliveries due at distinct times, written in scrambled order, and one never due.
-    let mut new = new_event(&a, &vec![&s; 41], ts(0), "{}");
+    let mut new = new_event(&a, &subs.iter().collect::<Vec<_>>(), ts(0), "{}");
     for (i, d) in new.deliveries.iter_mut().enumerate() {
-        d.due_at = Some(ts(1_000 * ((i as i64 * 17) % 40 + 1)));
+        *d = d.with_due_at_for_tests(Some(ts(1_000 * ((i as i64 * 17) % 40 + 1))));
     }
     let not_due = {
         let d = new.deliveries.last_mut().unwrap();
-        d.due_at = None;
-        d.id.clone()
+        *d = d.with_due_at_for_tests(None);
+        d.id().clone()
     };
     assert_eq!(
         store.insert_event(&new).await.unwrap(),
@@ -207,7 +213,7 @@ async fn sweep_reads_a_sparse_index_sharded_and_merged_in_due_order() {
     let mut expected: Vec<_> = new
         .deliveries
         .iter()
-        .filter_map(|d| d.due_at.map(|at| (at, d.id.clone())))
+        .filter_map(|d| d.due_at().map(|at| (at, d.id().clone())))
         .collect();
     expected.sort();
     let due = |now: Timestamp, limit: u32| {
@@ -240,10 +246,8 @@ async fn sweep_reads_a_sparse_index_sharded_and_merged_in_due_order() {
         .await
         .unwrap()
         .unwrap();
-    let mut done = first.clone();
-    done.due_at = None;
-    done.version += 1;
-    store.update_delivery(&done, first.version).await.unwrap();
+    let done = first.with_due_at_for_tests(None);
+    store.update_delivery(&done, first.version()).await.unwrap();
     assert_eq!(due_index(&client, &table).await.len(), 39);
     assert_eq!(due(ts(1_000_000), 1).await, expected[1..2]);
 }
@@ -252,10 +256,10 @@ async fn sweep_reads_a_sparse_index_sharded_and_merged_in_due_order() {
 async fn an_event_with_more_deliveries_than_a_transaction_holds_is_written_whole() {
     let store = fresh_store().await;
     let a = tenant("a");
-    let s = subscription(&a, ts(0));
-    store.insert_subscription(&s).await.unwrap();
+    let subs = subscriptions(&a, 150);
+    let all: Vec<&Subscription> = subs.iter().collect();
 
-    let mut new = new_event(&a, &vec![&s; 150], ts(10), r#"{"fan":"out"}"#);
+    let mut new = new_event(&a, &all, ts(10), r#"{"fan":"out"}"#);
     new.idempotency_key = Some("big-one".into());
     assert_eq!(
         store.insert_event(&new).await.unwrap(),
@@ -267,70 +271,73 @@ async fn an_event_with_more_deliveries_than_a_transaction_holds_is_written_whole
     );
     for d in &new.deliveries {
         assert_eq!(
-            store.get_delivery(&a, &d.id).await.unwrap().as_ref(),
+            store.get_delivery(&a, d.id()).await.unwrap().as_ref(),
             Some(d)
         );
     }
-    let listed: HashSet<_> = delivery_pages(&store, &a, &s.id, 100)
-        .await
-        .into_iter()
-        .flat_map(|p| p.items)
-        .map(|d| d.id)
-        .collect();
-    assert_eq!(listed.len(), 150);
-    let due = store
-        .due_deliveries(ts(10).saturating_add(GRACE), 500)
-        .await
-        .unwrap();
-    assert_eq!(due.len(), 150);
-
-    // A retried publish (new event and delivery ids, same key) writes no second set.
-    let mut retry = new_event(&a, &vec![&s; 150], ts(20), "{}");
-    retry.idempotency_key = Some("big-one".into());
-    assert_eq!(
-        store.insert_event(&retry).await.unwrap(),
-        InsertOutcome::Existing(new.event.id.clone())
-    );
-    // And with the same event id but no key.
-    let mut same_id = new_event(&a, &vec![&s; 120], ts(30), "{}");
-    same_id.event.id = new.event.id.clone();
-    assert_eq!(
-        store.insert_event(&same_id).await.unwrap(),
-        InsertOutcome::Existing(new.event.id.clone())
-    );
-    for d in retry.deliveries.iter().chain(&same_id.deliveries) {
-        assert_eq!(store.get_delivery(&a, &d.id).await.unwrap(), None);
+    for (s, d) in subs.iter().zip(&new.deliveries).step_by(37) {
+        let listed: Vec<_> = delivery_pages(&store, &a, &s.id, 10)
+            .await
+            .into_iter()
+            .flat_map(|p| p.items)
+            .collect();
+        assert_eq!(listed, vec![d.clone()]);
     }
-    let total: usize = delivery_pages(&store, &a, &s.id, 250)
-        .await
-        .iter()
-        .map(|p| p.items.len())
-        .sum();
-    assert_eq!(total, 150);
-
-    // Two identical large publishes at once (new delivery ids each): one is created, the other
-    // sees it, and one set of deliveries remains whichever way the race went.
-    let s2 = subscription(&a, ts(1));
-    store.insert_subscription(&s2).await.unwrap();
-    let mut one = new_event(&a, &vec![&s2; 110], ts(40), "{}");
-    one.idempotency_key = Some("raced".into());
-    let mut two = new_event(&a, &vec![&s2; 110], ts(41), "{}");
-    two.idempotency_key = Some("raced".into());
-    let (r1, r2) = tokio::join!(store.insert_event(&one), store.insert_event(&two));
-    let (r1, r2) = (r1.unwrap(), r2.unwrap());
-    let winner = match (&r1, &r2) {
-        (InsertOutcome::Created, InsertOutcome::Existing(id)) if *id == one.event.id => &one,
-        (InsertOutcome::Existing(id), InsertOutcome::Created) if *id == two.event.id => &two,
-        other => panic!("one publish wins: {other:?}"),
+    let due_count = || async {
+        store
+            .due_deliveries(ts(10).saturating_add(GRACE), 500)
+            .await
+            .unwrap()
+            .len()
     };
-    let listed: HashSet<_> = delivery_pages(&store, &a, &s2.id, 250)
-        .await
-        .into_iter()
-        .flat_map(|p| p.items)
-        .map(|d| d.id)
-        .collect();
-    let expected: HashSet<_> = winner.deliveries.iter().map(|d| d.id.clone()).collect();
-    assert_eq!(listed, expected, "only the winner's deliveries");
+    assert_eq!(due_count().await, 150);
+    let existing = InsertOutcome::Existing {
+        event_id: new.event.id.clone(),
+        fingerprint: new.event.fingerprint.clone(),
+    };
+
+    // A retried publish (new event id, so new delivery ids, same key) writes no second set.
+    let mut retry = new_event(&a, &all, ts(20), "{}");
+    retry.idempotency_key = Some("big-one".into());
+    assert_eq!(store.insert_event(&retry).await.unwrap(), existing);
+    // And with the same event id but no key: the same deliveries, left as they are.
+    let mut same_id = new_event(&a, &all[..120], ts(30), "{}");
+    same_id.event.id = new.event.id.clone();
+    same_id.event.fingerprint = new.event.fingerprint.clone();
+    same_id.deliveries = deliveries_of(&same_id.event, &all[..120], ts(30));
+    assert_eq!(store.insert_event(&same_id).await.unwrap(), existing);
+    for d in &retry.deliveries {
+        assert_eq!(store.get_delivery(&a, d.id()).await.unwrap(), None);
+    }
+    assert_eq!(due_count().await, 150, "no second set, none reset");
+    for d in &new.deliveries {
+        assert_eq!(
+            store.get_delivery(&a, d.id()).await.unwrap().as_ref(),
+            Some(d)
+        );
+    }
+
+    // The same large publish twice at once (a redelivered queue message handled by two
+    // functions in the same millisecond): at least one is created (identical writes cannot be
+    // told apart, so both may say so; their jobs then meet one delivery), and one set of
+    // deliveries exists.
+    let twice = new_event(&a, &all[..110], ts(40), "{}");
+    let (r1, r2) = tokio::join!(store.insert_event(&twice), store.insert_event(&twice));
+    let outcomes = [r1.unwrap(), r2.unwrap()];
+    assert!(outcomes.contains(&InsertOutcome::Created), "{outcomes:?}");
+    for outcome in &outcomes {
+        assert!(
+            matches!(outcome, InsertOutcome::Created)
+                || matches!(outcome, InsertOutcome::Existing { event_id, .. } if *event_id == twice.event.id),
+            "{outcome:?}"
+        );
+    }
+    for d in &twice.deliveries {
+        assert_eq!(
+            store.get_delivery(&a, d.id()).await.unwrap().as_ref(),
+            Some(d)
+        );
+    }
 }
 
 #[tokio::test]

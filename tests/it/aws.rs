@@ -251,6 +251,86 @@ async fn an_event_sent_by_a_plain_sqs_producer_is_delivered() {
     assert_eq!(event.status, 200);
 }
 
+/// A `deliver` that died between writing an event's deliveries and the event (DynamoDB writes
+/// deliveries first) left one delivery behind; SQS hands the message to another invocation.
+/// Every (event, subscription) is delivered once, under one `webhook-id`.
+#[tokio::test]
+async fn a_publish_that_died_between_its_writes_delivers_each_subscription_once() {
+    use tidings_core::domain::{Delivery, EventId, SubscriptionId};
+    use tidings_core::ports::{NewEvent, Store as _};
+
+    let aws = AwsLocal::start().await;
+    let receiver = TestReceiver::start().await;
+    let one = aws
+        .api
+        .subscribe(&receiver.url("/one"), &["invoice.paid"])
+        .await;
+    let two = aws
+        .api
+        .subscribe(&receiver.url("/two"), &["invoice.paid"])
+        .await;
+    let tenant = TenantId::parse("t1").unwrap();
+    let event_id = EventId::parse("inv-7-paid").unwrap();
+    let sub_one = SubscriptionId::parse(one["subscriptionId"].as_str().unwrap()).unwrap();
+
+    // What the first try wrote before it died: the delivery to `one`, and not the event. (The
+    // store writes an event and its deliveries together, so this writes the orphan through a
+    // stand-in event of another id.)
+    let now = tidings_core::domain::Timestamp::now();
+    let orphan = Delivery::new(
+        tenant.clone(),
+        event_id.clone(),
+        sub_one.clone(),
+        now,
+        Duration::ZERO,
+        Duration::from_secs(3),
+    );
+    let mut carrier = NewEvent {
+        event: tidings_core::domain::Event {
+            id: EventId::parse("carrier").unwrap(),
+            tenant_id: tenant.clone(),
+            event_type: EventType::parse("test.carrier").unwrap(),
+            occurred_at: now,
+            data: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+            received_at: now,
+            fingerprint: String::new(),
+        },
+        deliveries: vec![orphan.clone()],
+        idempotency_key: None,
+    };
+    aws.app.store.insert_event(&carrier).await.unwrap();
+    carrier.deliveries.clear();
+
+    // The message comes back and is handled again.
+    aws.sqs
+        .send_message()
+        .queue_url(aws.url("eventsQueueUrl"))
+        .message_body(r#"{"eventType":"invoice.paid","eventId":"inv-7-paid","data":{"n":7}}"#)
+        .message_attributes("tenant", attr("t1"))
+        .send()
+        .await
+        .unwrap();
+    let got_one = receiver.wait_for("/one", 1, WAIT).await;
+    receiver.wait_for("/two", 1, WAIT).await;
+    assert_eq!(got_one[0].header("webhook-id"), orphan.id().as_str());
+    tokio::time::sleep(Duration::from_secs(5)).await; // past the sweep's grace
+    assert_eq!(
+        receiver.received_on("/one").len(),
+        1,
+        "one webhook to `one`"
+    );
+    assert_eq!(
+        receiver.received_on("/two").len(),
+        1,
+        "one webhook to `two`"
+    );
+    for sub in [&one, &two] {
+        let list = deliveries_of(&aws.api, sub).await;
+        assert_eq!(list.len(), 1, "one delivery per subscription: {list:#?}");
+        assert_eq!(list[0]["eventId"], "inv-7-paid");
+    }
+}
+
 #[tokio::test]
 async fn a_failing_receiver_is_retried_and_every_attempt_logged() {
     let aws = AwsLocal::start().await;

@@ -196,14 +196,177 @@ async fn exhausted_delivery_is_dead_and_an_operator_retry_resends_it() {
     assert_eq!(got.len(), 4);
     assert_eq!(got[3].header("webhook-id"), delivery_id);
 
+    // A succeeded delivery can be resent too, under the same webhook-id.
     let again = server
         .api
         .post(&format!("/deliveries/{delivery_id}/retry"), &Value::Null)
         .await;
+    assert_eq!(again.status, 202, "{:?}", again.body);
+    let got = receiver.wait_for("/down", 5, WAIT).await;
+    assert_eq!(got[4].header("webhook-id"), delivery_id);
+    server
+        .api
+        .wait_delivery(&delivery_id, WAIT, |d| {
+            d["status"] == "succeeded" && d["attemptCount"] == 5
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn resends_are_refused_while_a_delivery_is_unfinished_and_bounded_in_number() {
+    // The first attempt waits 30 s: the delivery stays pending meanwhile.
+    let server = TestServer::start(|c| c.schedule = "30s,1s".parse().unwrap()).await;
+    let receiver = TestReceiver::start().await;
+    let sub = server.api.subscribe(&receiver.url("/r"), &["a.b"]).await;
+    server.api.publish("a.b", json!(1)).await;
+    let id = only_delivery(&server.api, &sub).await;
+    let early = server
+        .api
+        .post(&format!("/deliveries/{id}/retry"), &Value::Null)
+        .await;
+    assert_eq!(early.status, 409, "pending: {:?}", early.body);
+    assert_eq!(early.body["type"], "urn:tidings:problem:conflict");
+
+    // Made to fail at once (the receiver refuses it with a 400), it can be resent 20 times;
+    // 150 tries leave a bounded record.
+    receiver.always(Reply::status(400).body("x".repeat(4_000)));
+    let server2 = TestServer::start(|_| {}).await;
+    let sub = server2.api.subscribe(&receiver.url("/no"), &["c.d"]).await;
+    server2.api.publish("c.d", json!(1)).await;
+    let id = only_delivery(&server2.api, &sub).await;
+    server2
+        .api
+        .wait_delivery(&id, WAIT, |d| d["status"] == "failed")
+        .await;
+    let (mut accepted, mut refused) = (0, 0);
+    for _ in 0..150 {
+        let r = server2
+            .api
+            .post(&format!("/deliveries/{id}/retry"), &Value::Null)
+            .await;
+        match r.status {
+            202 => {
+                accepted += 1;
+                server2
+                    .api
+                    .wait_delivery(&id, WAIT, |d| d["status"] == "failed")
+                    .await;
+            }
+            409 => refused += 1,
+            other => panic!("resend answered {other}: {:?}", r.body),
+        }
+    }
+    assert_eq!((accepted, refused), (20, 130));
+    let d = server2.api.get(&format!("/deliveries/{id}")).await.body;
+    assert_eq!(d["attemptCount"], 21);
+    assert_eq!(d["resendCount"], 20);
     assert_eq!(
-        again.status, 409,
-        "a succeeded delivery is not re-sent: {:?}",
-        again.body
+        d["attempts"].as_array().unwrap().len(),
+        10,
+        "the last 10 kept"
+    );
+    assert!(
+        d.to_string().len() < 16 * 1024,
+        "{} bytes",
+        d.to_string().len()
+    );
+}
+
+#[tokio::test]
+async fn a_paused_subscription_holds_deliveries_and_gets_them_when_resumed() {
+    let server = TestServer::start(|_| {}).await;
+    let receiver = TestReceiver::start().await;
+    let sub = server.api.subscribe(&receiver.url("/p"), &["a.b"]).await;
+    let id = sub["subscriptionId"].as_str().unwrap();
+    let patch = |status: &'static str| {
+        let api = server.api.clone();
+        let path = format!("/webhook-subscriptions/{id}");
+        async move {
+            let body = json!({ "status": status }).to_string();
+            let r = api
+                .send(reqwest::Method::PATCH, &path, Some(body.as_bytes()), &[])
+                .await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+        }
+    };
+    patch("paused").await;
+    server.api.publish("a.b", json!({"n": 1})).await;
+    server.api.publish("a.b", json!({"n": 2})).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        receiver.received_on("/p").is_empty(),
+        "nothing sent while paused"
+    );
+    let held = server.api.deliveries(id).await;
+    assert_eq!(held.len(), 2);
+    for d in &held {
+        assert_eq!(d["status"], "held", "{d:#}");
+        assert_eq!(d["reason"], "subscription is paused");
+    }
+
+    patch("active").await;
+    let got = receiver.wait_for("/p", 2, WAIT).await;
+    let mut ns: Vec<_> = got.iter().map(|r| r.json()["data"]["n"].clone()).collect();
+    ns.sort_by_key(|n| n.as_i64());
+    assert_eq!(ns, [json!(1), json!(2)]);
+    server.api.wait_all_succeeded(id, 2, WAIT).await;
+}
+
+#[tokio::test]
+async fn a_reused_idempotency_key_with_another_body_is_refused_and_the_first_stays() {
+    let server = TestServer::start(|_| {}).await;
+    let publish = |data: i64| {
+        let api = server.api.clone();
+        async move {
+            let body = json!({"eventType": "a.b", "data": data}).to_string();
+            api.send(
+                reqwest::Method::POST,
+                "/events",
+                Some(body.as_bytes()),
+                &[("idempotency-key", "k-1")],
+            )
+            .await
+        }
+    };
+    let first = publish(1).await;
+    assert_eq!(first.status, 202);
+    let same = publish(1).await;
+    assert_eq!(
+        (same.status, &same.body["eventId"]),
+        (202, &first.body["eventId"])
+    );
+    let other = publish(2).await;
+    assert_eq!(other.status, 422, "{:?}", other.body);
+    assert_eq!(other.headers["content-type"], "application/problem+json");
+    assert_eq!(
+        other.body["type"],
+        "urn:tidings:problem:idempotency-key-reused"
+    );
+    let event = server
+        .api
+        .get(&format!(
+            "/events/{}",
+            first.body["eventId"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(event.body["data"], 1);
+}
+
+#[tokio::test]
+async fn the_schedules_first_entry_delays_the_first_attempt() {
+    let server = TestServer::start(|c| c.schedule = "1s,200ms".parse().unwrap()).await;
+    let receiver = TestReceiver::start().await;
+    server
+        .api
+        .subscribe(&receiver.url("/later"), &["a.b"])
+        .await;
+    let published = std::time::Instant::now();
+    server.api.publish("a.b", json!(1)).await;
+    receiver.wait_for("/later", 1, WAIT).await;
+    let waited = published.elapsed();
+    assert!(
+        waited >= Duration::from_millis(950),
+        "first attempt after {waited:?}"
     );
 }
 

@@ -100,6 +100,7 @@ mod tests {
             found,
             enqueued,
             in_flight,
+            deferred: 0,
         };
         assert!(another_round(&report(500, 500, 0), 500, s(60), s(2)));
         assert!(another_round(&report(500, 1, 499), 500, s(60), s(2)));
@@ -109,7 +110,15 @@ mod tests {
         );
         assert!(
             !another_round(&report(500, 0, 500), 500, s(60), s(2)),
-            "a batch of deliveries in flight would come back the same"
+            "a batch of deliveries in flight that could not be moved would come back the same"
+        );
+        let moved = SweepReport {
+            deferred: 500,
+            ..report(500, 0, 500)
+        };
+        assert!(
+            another_round(&moved, 500, s(60), s(2)),
+            "in-flight deliveries deferred past their leases: the next round reads past them"
         );
         assert!(!another_round(&report(0, 0, 0), 500, s(60), s(0)));
         assert!(

@@ -183,9 +183,14 @@ struct DeliveryDto<'a> {
     event_id: &'a EventId,
     subscription_id: &'a SubscriptionId,
     status: &'static str,
-    attempt_count: usize,
+    /// Every attempt made; `attempts` keeps the last few.
+    attempt_count: u32,
+    resend_count: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     next_attempt_at: Option<Timestamp>,
+    /// Why it is held, or ended without an attempt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
     attempts: Vec<AttemptDto<'a>>,
     created_at: Timestamp,
     updated_at: Timestamp,
@@ -194,15 +199,17 @@ struct DeliveryDto<'a> {
 impl<'a> From<&'a Delivery> for DeliveryDto<'a> {
     fn from(d: &'a Delivery) -> Self {
         Self {
-            delivery_id: &d.id,
-            event_id: &d.event_id,
-            subscription_id: &d.subscription_id,
-            status: d.status.as_str(),
-            attempt_count: d.attempts.len(),
-            next_attempt_at: d.next_attempt_at,
-            attempts: d.attempts.iter().map(AttemptDto::from).collect(),
-            created_at: d.created_at,
-            updated_at: d.updated_at,
+            delivery_id: d.id(),
+            event_id: d.event_id(),
+            subscription_id: d.subscription_id(),
+            status: d.status().as_str(),
+            attempt_count: d.attempt_count(),
+            resend_count: d.resends(),
+            next_attempt_at: d.next_attempt_at(),
+            reason: d.reason(),
+            attempts: d.attempts().iter().map(AttemptDto::from).collect(),
+            created_at: d.created_at(),
+            updated_at: d.updated_at(),
         }
     }
 }
@@ -436,7 +443,7 @@ async fn retry_delivery<S: Store, Q: DeliveryQueue, C: Clock>(
 ) -> Result<Response, Problem> {
     let delivery = state
         .app
-        .retry_delivery(&tenant, &delivery_id(&id)?)
+        .resend_delivery(&tenant, &delivery_id(&id)?)
         .await?;
     Ok((StatusCode::ACCEPTED, Json(DeliveryDto::from(&delivery))).into_response())
 }

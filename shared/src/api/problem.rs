@@ -99,6 +99,16 @@ impl From<AppError> for Problem {
             AppError::NotFound(what) => Self::not_found(what),
             AppError::Invalid { field, message } => Self::invalid(field, message),
             AppError::Conflict(detail) => Self::conflict(detail),
+            AppError::IdempotencyMismatch(detail) => Self {
+                kind: "urn:tidings:problem:idempotency-key-reused",
+                title: "Idempotency key reused with another body",
+                status: 422,
+                detail,
+                field: None,
+            },
+            AppError::Store(StoreError::BadCursor) => {
+                Self::invalid("cursor", "is not a cursor this list handed out")
+            }
             AppError::Store(StoreError::NotFound) => Self::not_found("resource"),
             AppError::Store(StoreError::Conflict) => {
                 Self::conflict("the resource changed meanwhile; retry")

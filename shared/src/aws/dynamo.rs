@@ -22,10 +22,11 @@
 //! | subscription | `T#{tenant}#SUB#{id}` | `T#{tenant}#SUBS` / `{id}` | | `subscription` (map) |
 //! | event | `T#{tenant}#EVT#{id}` | | | `event` (map, `data` a string), `expires_at` |
 //! | idempotency key | `T#{tenant}#IDEM#{key}` | | | `event_id`, `expires_at` |
-//! | delivery | `T#{tenant}#DLV#{id}` | `T#{tenant}#SUB#{subscription}#DLVS` / `{id}` | while due | `delivery` (map), `expires_at` |
+//! | delivery | `T#{tenant}#DLV#{id}` | `T#{tenant}#SUB#{subscription}#DLVS` / `{created ms, 13 digits}#{id}` | while due | `delivery` (map), `expires_at` |
 //!
-//! Tenant ids and generated ids never contain `#`, so keys cannot collide. Subscription and
-//! delivery ids are ULID based and sort by creation time, which orders the `list` index.
+//! Tenant ids and generated ids never contain `#`, so keys cannot collide. Subscription ids are
+//! ULID based and sort by creation time, which orders the `list` index; delivery ids are derived
+//! from (tenant, event, subscription), so a delivery's list key starts with its creation time.
 //! Retention (TTL, default 30 days) counts from the event's `received_at` for the event and its
 //! idempotency key, and from `created_at` for a delivery, so an event and its deliveries expire
 //! together.
@@ -41,15 +42,15 @@
 //! | --- | --- |
 //! | `put_api_key` | 1 `PutItem` |
 //! | `tenant_for_api_key` | 1 `GetItem`; none for a key found within the cache time ([`DynamoStore::with_api_key_cache`]) |
-//! | `insert_subscription` | 1 `PutItem` (`attribute_not_exists`) |
+//! | `insert_subscription` | 1 `PutItem` (`attribute_not_exists`, `ALL_OLD` on failure) |
 //! | `get_subscription` | 1 `GetItem` |
 //! | `list_subscriptions` | 1 `Query` on `list` (`Limit` = limit + 1) |
-//! | `update_subscription` | 1 `PutItem` (`attribute_exists`) |
+//! | `update_subscription` | 1 `PutItem` (version condition, `ALL_OLD` on failure) |
 //! | `delete_subscription` | 1 `DeleteItem` (`attribute_exists`) |
 //! | `tenant_subscriptions` | 1 `Query` on `list` |
-//! | `insert_event`, no idempotency key, 1 or more deliveries | ⌈n/25⌉ `BatchWriteItem` (deliveries) + 1 conditional `PutItem` (the event): no transaction, so half the write units. A repeated event id adds ⌈n/25⌉ `BatchWriteItem` deleting this attempt's deliveries |
-//! | `insert_event`, up to 98 deliveries (99 without an idempotency key) | 1 `TransactWriteItems` (event, key, deliveries); 1 conditional `PutItem` instead when the event is the only item. A repeat costs nothing more on AWS (the failed condition returns the old item); +1 `GetItem` where an emulator leaves it out |
-//! | `insert_event`, more deliveries | 1 `BatchGetItem` (is it a repeat?) + ⌈n/25⌉ `BatchWriteItem` (deliveries) + 1 `TransactWriteItems` (event + key; or `PutItem`); a repeat caught only by the last write adds ⌈n/25⌉ `BatchWriteItem` deleting the deliveries again |
+//! | `insert_event`, no idempotency key, 1 or more deliveries | n conditional `PutItem`s (deliveries, 25 at a time; the same write units as a `BatchWriteItem`) + 1 conditional `PutItem` (the event): no transaction, so half the write units. A repeat writes no delivery anew (the ids are derived) and reads the old event's fingerprint from the failed condition |
+//! | `insert_event`, up to 98 deliveries, with an idempotency key | 1 `TransactWriteItems` (event, key, deliveries); a known key adds 1 `GetItem` (the first event's fingerprint) |
+//! | `insert_event`, more deliveries, with a key | 1 `BatchGetItem` (is it a repeat?) + n conditional `PutItem`s (deliveries) + 1 `TransactWriteItems` (event + key) |
 //! | `get_event` | 1 `GetItem` (eventually consistent; a second, strong one on a miss) |
 //! | `get_delivery` | 1 `GetItem` |
 //! | `update_delivery` | 1 `PutItem` (version condition, `ALL_OLD` on failure) |
@@ -66,16 +67,25 @@
 //!
 //! `TransactWriteItems` takes at most 100 items, and bills every item twice. An event without an
 //! idempotency key (its own id is the only thing to guard, and a conditional `PutItem` does that),
-//! and an event with more deliveries than a transaction holds, write the deliveries first
-//! (`BatchWriteItem`, unconditional) and the event with its idempotency key last, in one
-//! conditional `PutItem` or one transaction. The event becomes visible only when all its deliveries
-//! exist, so an accepted event never misses a delivery. The price: should the process die between
-//! the two steps, the deliveries stay without an accepted event. The producer got no answer and
-//! publishes again; the orphans then either fail visibly ("event not found") or, where the retry
-//! reused the event id, are sent in addition to the retry's own deliveries: at least once, never
-//! lost. With an idempotency key, a repeat of an already accepted event is caught before writing
-//! (one `BatchGetItem`); without one, and for a repeat racing past that check, the event's failed
-//! condition tells, and the repeat deletes the deliveries it wrote.
+//! and an event with more deliveries than a transaction holds, write the deliveries first (each
+//! only if it does not exist, or is an orphan) and the event with its idempotency key last, in
+//! one conditional `PutItem` or one transaction. The event becomes visible only when all its
+//! deliveries exist, so an accepted event never misses a delivery. Should the process die between
+//! the two steps, the deliveries stay without an accepted event: the producer got no answer and
+//! publishes again (a queued message comes back by itself). A retry with the same event id
+//! derives the same delivery ids and leaves the deliveries it finds alone; one with a new event
+//! id (the API generated it) leaves orphans, which a worker ends visibly ("its event was never
+//! stored") 16 minutes after their creation, when no publish can still be writing their event.
+//! Nothing is ever deleted: a delivery id names one (event, subscription), so what an earlier or
+//! concurrent try wrote is the same delivery.
+//!
+//! # Lost answers
+//!
+//! The SDK retries a request whose answer was lost (a timeout, a reset, a 500). Every conditional
+//! write here asks for the old item on a failed condition (`ALL_OLD`) and compares it with what it
+//! wrote: its own earlier, committed try is a success, not a conflict (a created subscription, a
+//! version-checked update, the event of a publish). Transactions carry the SDK's idempotency
+//! token, which DynamoDB honours for ten minutes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -88,10 +98,10 @@ use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, CancellationReason, DeleteRequest,
-    GlobalSecondaryIndex, KeySchemaElement, KeyType, KeysAndAttributes, Projection, ProjectionType,
-    Put, PutRequest, ReturnValuesOnConditionCheckFailure, ScalarAttributeType,
-    TimeToLiveSpecification, TimeToLiveStatus, TransactWriteItem, WriteRequest,
+    AttributeDefinition, AttributeValue, BillingMode, CancellationReason, GlobalSecondaryIndex,
+    KeySchemaElement, KeyType, KeysAndAttributes, Projection, ProjectionType, Put,
+    ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TimeToLiveSpecification,
+    TimeToLiveStatus, TransactWriteItem,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -132,8 +142,6 @@ const DELIVERY: &str = "delivery";
 
 /// `TransactWriteItems` takes at most this many items.
 const MAX_TRANSACTION_ITEMS: usize = 100;
-/// `BatchWriteItem` takes at most this many requests.
-const MAX_BATCH_WRITE: usize = 25;
 /// `BatchGetItem` takes at most this many keys.
 const MAX_BATCH_GET: usize = 100;
 /// Tries of a call whose items were left unprocessed (throttling), or a transaction that lost to
@@ -336,14 +344,14 @@ impl DynamoStore {
     }
 
     fn delivery_item(&self, d: &Delivery) -> StoreResult<Item> {
-        let due_at = d.due_at.map(Timestamp::unix_millis);
+        let due_at = d.due_at().map(Timestamp::unix_millis);
         to_item(&DeliveryItem {
-            pk: delivery_pk(&d.tenant_id, &d.id),
-            list_pk: deliveries_list_pk(&d.tenant_id, &d.subscription_id),
-            list_sk: d.id.as_str(),
-            due_shard: due_at.map(|_| due_shard(&d.id)),
+            pk: delivery_pk(d.tenant_id(), d.id()),
+            list_pk: deliveries_list_pk(d.tenant_id(), d.subscription_id()),
+            list_sk: delivery_list_sk(d),
+            due_shard: due_at.map(|_| due_shard(d.id())),
             due_at,
-            expires_at: self.expires_at(d.created_at),
+            expires_at: self.expires_at(d.created_at()),
             delivery: d,
         })
     }
@@ -377,26 +385,131 @@ impl DynamoStore {
             .transpose()
     }
 
-    /// A `PutItem` with `condition` (on `#pk`); `Ok(false)` when the condition failed.
-    async fn put_if(&self, item: Item, condition: &str) -> StoreResult<bool> {
-        let put = self
+    /// A conditional `PutItem`. `Ok(Ok(()))` when written; `Ok(Err(old))` when the condition
+    /// failed, with the item that stopped it (`None`: there was none).
+    async fn put_checked(
+        &self,
+        item: Item,
+        condition: &str,
+        names: &[(&str, &str)],
+        values: &[(&str, AttributeValue)],
+    ) -> StoreResult<Result<(), Option<Item>>> {
+        let mut put = self
             .client
             .put_item()
             .table_name(&self.table)
             .set_item(Some(item))
             .condition_expression(condition)
-            .expression_attribute_names("#pk", PK)
-            .send()
-            .await;
-        match put {
-            Ok(_) => Ok(true),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        for (name, attribute) in names {
+            put = put.expression_attribute_names(*name, *attribute);
+        }
+        for (name, value) in values {
+            put = put.expression_attribute_values(*name, value.clone());
+        }
+        match put.send().await {
+            Ok(_) => Ok(Ok(())),
+            Err(e) => match e.as_service_error() {
+                Some(PutItemError::ConditionalCheckFailedException(c)) => {
+                    Ok(Err(c.item().cloned()))
+                }
+                _ => Err(StoreError::unavailable(e)),
+            },
+        }
+    }
+
+    /// The event on its own condition (only if new). A failed condition whose old item is this
+    /// very event means an earlier try of this write committed and its answer was lost (the SDK
+    /// retried it): that is `Created`, not a repeat.
+    async fn put_event(&self, new: &NewEvent) -> StoreResult<InsertOutcome> {
+        let item = self.event_item(&new.event)?;
+        match self
+            .put_checked(item, "attribute_not_exists(#pk)", &[("#pk", PK)], &[])
+            .await?
+        {
+            Ok(()) => Ok(InsertOutcome::Created),
+            Err(old) => self.existing_event(new, old).await,
+        }
+    }
+
+    /// `Created` if `old` (the stored event, read when not given) is this very event, else
+    /// `Existing` with the stored event's fingerprint.
+    async fn existing_event(
+        &self,
+        new: &NewEvent,
+        old: Option<Item>,
+    ) -> StoreResult<InsertOutcome> {
+        let old = match old {
+            Some(item) => Some(item),
+            None => {
+                self.get_item(event_pk(&new.event.tenant_id, &new.event.id))
+                    .await?
             }
-            Err(e) => Err(StoreError::unavailable(e)),
+        };
+        let stored: Option<StoredEvent> = old.map(|item| body(item, EVENT)).transpose()?;
+        match stored.map(Event::try_from).transpose()? {
+            Some(stored) if stored == new.event => Ok(InsertOutcome::Created),
+            Some(stored) => Ok(InsertOutcome::Existing {
+                event_id: stored.id,
+                fingerprint: stored.fingerprint,
+            }),
+            None => Err(StoreError::unavailable(
+                "the event's condition failed but the event is not there",
+            )),
+        }
+    }
+
+    /// `Existing` for the event `event_id`, with its fingerprint (empty if it cannot be read).
+    async fn existing(&self, tenant: &TenantId, event_id: EventId) -> StoreResult<InsertOutcome> {
+        let fingerprint = self
+            .get_item(event_pk(tenant, &event_id))
+            .await?
+            .map(|item| body::<StoredEvent>(item, EVENT))
+            .transpose()?
+            .map(|e| e.fingerprint)
+            .unwrap_or_default();
+        Ok(InsertOutcome::Existing {
+            event_id,
+            fingerprint,
+        })
+    }
+
+    /// Writes each delivery only if it is new, or an orphan a crashed publish left (its event
+    /// never written; see [`Delivery::ORPHAN_REASON`]), concurrently. A delivery that exists
+    /// already (its id is derived: an earlier try of this publish, or this write's own retry)
+    /// stays as it is.
+    async fn put_new_deliveries(&self, items: Vec<Item>) -> StoreResult<()> {
+        const AT_ONCE: usize = 25;
+        let mut running = tokio::task::JoinSet::new();
+        let mut items = items.into_iter();
+        loop {
+            while running.len() < AT_ONCE {
+                let Some(item) = items.next() else { break };
+                let put = self
+                    .client
+                    .put_item()
+                    .table_name(&self.table)
+                    .set_item(Some(item))
+                    .condition_expression("attribute_not_exists(#pk) OR #d.#r = :orphan")
+                    .expression_attribute_names("#pk", PK)
+                    .expression_attribute_names("#d", DELIVERY)
+                    .expression_attribute_names("#r", "reason")
+                    .expression_attribute_values(
+                        ":orphan",
+                        AttributeValue::S(Delivery::ORPHAN_REASON.to_owned()),
+                    );
+                running.spawn(put.send());
+            }
+            let Some(done) = running.join_next().await else {
+                return Ok(());
+            };
+            match done.map_err(StoreError::unavailable)? {
+                Ok(_) => {}
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|e| e.is_conditional_check_failed_exception()) => {}
+                Err(e) => return Err(StoreError::unavailable(e)),
+            }
         }
     }
 
@@ -415,7 +528,8 @@ impl DynamoStore {
     }
 
     /// Writes the event, its idempotency key (if any) and `deliveries` all or nothing, each only
-    /// if it is new. A known event id or idempotency key gives `Existing`.
+    /// if it is new. A known event id or idempotency key gives `Existing`; a delivery that
+    /// exists already, `Conflict`.
     async fn write_new_event(
         &self,
         new: &NewEvent,
@@ -429,11 +543,7 @@ impl DynamoStore {
             .transpose()?;
         if key.is_none() && deliveries.is_empty() {
             // A transaction of one item costs twice what a conditional put does.
-            return Ok(if self.put_if(event, "attribute_not_exists(#pk)").await? {
-                InsertOutcome::Created
-            } else {
-                InsertOutcome::Existing(new.event.id.clone())
-            });
+            return self.put_event(new).await;
         }
         let has_key = key.is_some();
         let items = std::iter::once(event)
@@ -441,6 +551,8 @@ impl DynamoStore {
             .chain(deliveries)
             .map(|item| self.put_new(item))
             .collect::<StoreResult<Vec<_>>>()?;
+        // The SDK gives the request an idempotency token, kept across its retries: a retried
+        // transaction whose first try committed succeeds again instead of failing its conditions.
         let request = self
             .client
             .transact_write_items()
@@ -464,10 +576,13 @@ impl DynamoStore {
                 return self.existing_from_key(new, old).await;
             }
             if condition_failed(reasons.first()) {
-                return Ok(InsertOutcome::Existing(new.event.id.clone()));
+                let old = reasons.first().and_then(CancellationReason::item).cloned();
+                return self.existing_event(new, old).await;
             }
             if reasons.iter().any(|r| condition_failed(Some(r))) {
-                // A delivery id already taken: not a repeat of this publish.
+                // A delivery exists already (ids are derived): an earlier try of this publish
+                // wrote it deliveries-first. The caller goes that way too, which leaves
+                // existing deliveries alone.
                 return Err(StoreError::Conflict);
             }
             let lost_a_race = reasons
@@ -501,11 +616,12 @@ impl DynamoStore {
             }
         };
         let item: IdempotencyItem = serde_ddb::from_item(item).map_err(StoreError::unavailable)?;
-        Ok(InsertOutcome::Existing(item.event_id))
+        self.existing(&new.event.tenant_id, item.event_id).await
     }
 
-    /// Whether the event id or idempotency key is known already (one `BatchGetItem`).
-    async fn already_published(&self, new: &NewEvent) -> StoreResult<Option<EventId>> {
+    /// Whether the event id or idempotency key is known already (one `BatchGetItem`; a known
+    /// key adds a read of its event's fingerprint).
+    async fn already_published(&self, new: &NewEvent) -> StoreResult<Option<InsertOutcome>> {
         let event_pk = event_pk(&new.event.tenant_id, &new.event.id);
         let key_pk = new
             .idempotency_key
@@ -521,9 +637,14 @@ impl DynamoStore {
         if let Some(item) = key_pk.and_then(|pk| found.remove(&pk)) {
             let item: IdempotencyItem =
                 serde_ddb::from_item(item).map_err(StoreError::unavailable)?;
-            return Ok(Some(item.event_id));
+            return Ok(Some(
+                self.existing(&new.event.tenant_id, item.event_id).await?,
+            ));
         }
-        Ok(found.contains_key(&event_pk).then(|| new.event.id.clone()))
+        match found.remove(&event_pk) {
+            Some(old) => Ok(Some(self.existing_event(new, Some(old)).await?)),
+            None => Ok(None),
+        }
     }
 
     /// Strongly consistent reads of the items with these keys, by key; missing ones are absent.
@@ -580,41 +701,11 @@ impl DynamoStore {
         Ok(found)
     }
 
-    /// `BatchWriteItem` in chunks of 25, retrying unprocessed requests.
-    async fn batch_write(&self, requests: Vec<WriteRequest>) -> StoreResult<()> {
-        for chunk in requests.chunks(MAX_BATCH_WRITE) {
-            let mut pending = chunk.to_vec();
-            let mut tries = 0;
-            while !pending.is_empty() {
-                tries += 1;
-                if tries > 1 {
-                    tokio::time::sleep(backoff(tries - 1)).await;
-                }
-                let out = self
-                    .client
-                    .batch_write_item()
-                    .request_items(&self.table, pending)
-                    .send()
-                    .await
-                    .map_err(StoreError::unavailable)?;
-                pending = out
-                    .unprocessed_items
-                    .and_then(|mut u| u.remove(&self.table))
-                    .unwrap_or_default();
-                if !pending.is_empty() && tries >= MAX_TRIES {
-                    return Err(StoreError::unavailable(format!(
-                        "BatchWriteItem left {} requests unprocessed after {tries} tries",
-                        pending.len()
-                    )));
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Deliveries first, then the event (module docs): for an event without an idempotency key,
     /// and for more deliveries than a transaction holds. With a key, a known key or event id is
-    /// looked up first, so a repeat writes nothing.
+    /// looked up first, so a repeat writes nothing. Nothing is ever taken back: a delivery id
+    /// names one (event, subscription), so what an earlier or concurrent try of this publish
+    /// wrote is the same delivery.
     async fn insert_deliveries_first(
         &self,
         new: &NewEvent,
@@ -623,47 +714,13 @@ impl DynamoStore {
         if new.idempotency_key.is_some()
             && let Some(existing) = self.already_published(new).await?
         {
-            return Ok(InsertOutcome::Existing(existing));
+            return Ok(existing);
         }
-        let keys: Vec<String> = new
-            .deliveries
-            .iter()
-            .map(|d| delivery_pk(&d.tenant_id, &d.id))
-            .collect();
-        let puts = deliveries
-            .into_iter()
-            .map(|item| {
-                let put = PutRequest::builder()
-                    .set_item(Some(item))
-                    .build()
-                    .map_err(StoreError::unavailable)?;
-                Ok(WriteRequest::builder().put_request(put).build())
-            })
-            .collect::<StoreResult<Vec<_>>>()?;
-        self.batch_write(puts).await?;
-        // Any error from here on may hide a committed event: the deliveries stay.
-        let outcome = self.write_new_event(new, Vec::new()).await?;
-        if let InsertOutcome::Existing(first) = &outcome {
-            // A repeat raced past the check: take back the deliveries of this attempt.
-            let deletes = keys
-                .into_iter()
-                .map(|pk| {
-                    let delete = DeleteRequest::builder()
-                        .key(PK, AttributeValue::S(pk))
-                        .build()
-                        .map_err(StoreError::unavailable)?;
-                    Ok(WriteRequest::builder().delete_request(delete).build())
-                })
-                .collect::<StoreResult<Vec<_>>>()?;
-            if let Err(e) = self.batch_write(deletes).await {
-                tracing::warn!(
-                    error = %e,
-                    event = %first,
-                    "could not delete the deliveries of a repeated publish; they will be sent too"
-                );
-            }
+        self.put_new_deliveries(deliveries).await?;
+        match &new.idempotency_key {
+            None => self.put_event(new).await,
+            Some(_) => self.write_new_event(new, Vec::new()).await,
         }
-        Ok(outcome)
     }
 }
 
@@ -716,6 +773,24 @@ fn idempotency_pk(tenant: &TenantId, key: &str) -> String {
 
 fn delivery_pk(tenant: &TenantId, id: &DeliveryId) -> String {
     format!("T#{tenant}#DLV#{id}")
+}
+
+/// A delivery's place in its subscription's list: creation time (13 digits of epoch
+/// milliseconds, so text order is time order), then the id. Delivery ids are derived from the
+/// event and subscription, so they do not sort by time themselves.
+fn delivery_list_sk(d: &Delivery) -> String {
+    format!("{:013}#{}", d.created_at().unix_millis().max(0), d.id())
+}
+
+/// A deliveries-list cursor as [`delivery_list_sk`] writes it, else `BadCursor`: a cursor goes
+/// into a key condition, so text this store did not hand out never reaches DynamoDB.
+fn parse_delivery_cursor(cursor: &str) -> StoreResult<&str> {
+    let (millis, id) = cursor.split_once('#').ok_or(StoreError::BadCursor)?;
+    if millis.len() != 13 || !millis.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(StoreError::BadCursor);
+    }
+    DeliveryId::parse(id).map_err(|_| StoreError::BadCursor)?;
+    Ok(cursor)
 }
 
 fn deliveries_list_pk(tenant: &TenantId, subscription: &SubscriptionId) -> String {
@@ -776,6 +851,8 @@ struct StoredEvent {
     occurred_at: Timestamp,
     data: String,
     received_at: Timestamp,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    fingerprint: String,
 }
 
 impl From<&Event> for StoredEvent {
@@ -787,6 +864,7 @@ impl From<&Event> for StoredEvent {
             occurred_at: e.occurred_at,
             data: e.data.get().to_owned(),
             received_at: e.received_at,
+            fingerprint: e.fingerprint.clone(),
         }
     }
 }
@@ -802,6 +880,7 @@ impl TryFrom<StoredEvent> for Event {
             occurred_at: e.occurred_at,
             data: RawValue::from_string(e.data).map_err(StoreError::unavailable)?,
             received_at: e.received_at,
+            fingerprint: e.fingerprint,
         })
     }
 }
@@ -817,7 +896,7 @@ struct IdempotencyItem {
 struct DeliveryItem<'a> {
     pk: String,
     list_pk: String,
-    list_sk: &'a str,
+    list_sk: String,
     // Absent, not null, while not due: that keeps the due index sparse.
     #[serde(skip_serializing_if = "Option::is_none")]
     due_shard: Option<u8>,
@@ -843,6 +922,11 @@ struct ListEntry {
 
 fn to_item<T: Serialize>(value: &T) -> StoreResult<Item> {
     serde_ddb::to_item(value).map_err(StoreError::unavailable)
+}
+
+/// Whether attribute `attr` of `item` holds exactly `value`: the item is a write of ours.
+fn holds<T: DeserializeOwned + PartialEq>(item: &Item, attr: &str, value: &T) -> bool {
+    body::<T>(item.clone(), attr).is_ok_and(|stored| stored == *value)
 }
 
 /// The entity held in attribute `attr` of `item`.
@@ -953,10 +1037,14 @@ impl Store for DynamoStore {
 
     async fn insert_subscription(&self, subscription: &Subscription) -> StoreResult<()> {
         let item = subscription_item(subscription)?;
-        if self.put_if(item, "attribute_not_exists(#pk)").await? {
-            Ok(())
-        } else {
-            Err(StoreError::Conflict)
+        match self
+            .put_checked(item, "attribute_not_exists(#pk)", &[("#pk", PK)], &[])
+            .await?
+        {
+            Ok(()) => Ok(()),
+            // Our own earlier try, whose answer was lost and which the SDK retried.
+            Err(Some(old)) if holds(&old, SUBSCRIPTION, subscription) => Ok(()),
+            Err(_) => Err(StoreError::Conflict),
         }
     }
 
@@ -975,7 +1063,14 @@ impl Store for DynamoStore {
         page: &PageRequest,
     ) -> StoreResult<Page<Subscription>> {
         let limit = page_limit(page);
-        let query = self.list_query(subscriptions_list_pk(tenant), true, page_after(page));
+        let after = page_after(page)
+            .map(|a| {
+                SubscriptionId::parse(a)
+                    .map(|_| a)
+                    .map_err(|_| StoreError::BadCursor)
+            })
+            .transpose()?;
+        let query = self.list_query(subscriptions_list_pk(tenant), true, after);
         let items = query_up_to(query, limit + 1)
             .await?
             .into_iter()
@@ -984,12 +1079,32 @@ impl Store for DynamoStore {
         Ok(into_page(items, limit, |s| s.id.as_str().to_owned()))
     }
 
-    async fn update_subscription(&self, subscription: &Subscription) -> StoreResult<()> {
+    async fn update_subscription(
+        &self,
+        subscription: &Subscription,
+        expected_version: u64,
+    ) -> StoreResult<()> {
         let item = subscription_item(subscription)?;
-        if self.put_if(item, "attribute_exists(#pk)").await? {
-            Ok(())
+        // Items written before versions existed have none: version 0.
+        let condition = if expected_version == 0 {
+            "attribute_exists(#pk) AND (attribute_not_exists(#s.#v) OR #s.#v = :expected)"
         } else {
-            Err(StoreError::NotFound)
+            "attribute_exists(#pk) AND #s.#v = :expected"
+        };
+        let written = self
+            .put_checked(
+                item,
+                condition,
+                &[("#pk", PK), ("#s", SUBSCRIPTION), ("#v", "version")],
+                &[(":expected", AttributeValue::N(expected_version.to_string()))],
+            )
+            .await?;
+        match written {
+            Ok(()) => Ok(()),
+            Err(None) => Err(StoreError::NotFound),
+            // Our own earlier try, whose answer was lost and which the SDK retried.
+            Err(Some(old)) if holds(&old, SUBSCRIPTION, subscription) => Ok(()),
+            Err(Some(_)) => Err(StoreError::Conflict),
         }
     }
 
@@ -1033,16 +1148,18 @@ impl Store for DynamoStore {
             .collect::<StoreResult<Vec<_>>>()?;
         if new.idempotency_key.is_none() && !deliveries.is_empty() {
             // No key to write with the event, so no transaction (which doubles every item's
-            // write units): the deliveries, then the event on its own condition (module docs).
-            // A generated id cannot repeat; a producer's can, rarely, and then the repeat's
-            // deliveries are taken back, which costs less than a check before every publish.
+            // write units): the deliveries, each on its own condition, then the event on its
+            // own (module docs). A repeat writes no delivery anew: their ids are derived.
             return self.insert_deliveries_first(new, deliveries).await;
         }
         let room = MAX_TRANSACTION_ITEMS - 1 - usize::from(new.idempotency_key.is_some());
-        if deliveries.len() <= room {
-            self.write_new_event(new, deliveries).await
-        } else {
-            self.insert_deliveries_first(new, deliveries).await
+        if deliveries.len() > room {
+            return self.insert_deliveries_first(new, deliveries).await;
+        }
+        match self.write_new_event(new, deliveries.clone()).await {
+            // A delivery of this event exists already: an earlier, interrupted try of it.
+            Err(StoreError::Conflict) => self.insert_deliveries_first(new, deliveries).await,
+            other => other,
         }
     }
 
@@ -1088,13 +1205,12 @@ impl Store for DynamoStore {
             Ok(_) => Ok(()),
             // The old item comes back only if there is one: a stale version, not a missing item.
             Err(e) => match e.as_service_error() {
-                Some(PutItemError::ConditionalCheckFailedException(c)) => {
-                    Err(if c.item().is_some() {
-                        StoreError::Conflict
-                    } else {
-                        StoreError::NotFound
-                    })
-                }
+                Some(PutItemError::ConditionalCheckFailedException(c)) => match c.item() {
+                    None => Err(StoreError::NotFound),
+                    // Our own earlier try, whose answer was lost and which the SDK retried.
+                    Some(old) if holds(old, DELIVERY, delivery) => Ok(()),
+                    Some(_) => Err(StoreError::Conflict),
+                },
                 _ => Err(StoreError::unavailable(e)),
             },
         }
@@ -1107,11 +1223,8 @@ impl Store for DynamoStore {
         page: &PageRequest,
     ) -> StoreResult<Page<Delivery>> {
         let limit = page_limit(page);
-        let query = self.list_query(
-            deliveries_list_pk(tenant, subscription),
-            false,
-            page_after(page),
-        );
+        let after = page_after(page).map(parse_delivery_cursor).transpose()?;
+        let query = self.list_query(deliveries_list_pk(tenant, subscription), false, after);
         let entries = query_up_to(query, limit + 1)
             .await?
             .into_iter()
@@ -1204,8 +1317,11 @@ mod tests {
             &subscription(&tenant("acme-1"), ts(0)),
             ts(0),
         );
-        let pk = delivery_pk(&d.tenant_id, &d.id);
-        assert_eq!(parse_delivery_pk(&pk).unwrap(), (d.tenant_id, d.id));
+        let pk = delivery_pk(d.tenant_id(), d.id());
+        assert_eq!(
+            parse_delivery_pk(&pk).unwrap(),
+            (d.tenant_id().clone(), d.id().clone())
+        );
         assert!(parse_delivery_pk("T#a#SUB#sub_x").is_err());
         assert!(parse_delivery_pk("KEY#x").is_err());
     }
@@ -1226,7 +1342,7 @@ mod tests {
     fn delivery_item_is_in_the_due_index_only_while_due() {
         let store = store();
         let a = tenant("a");
-        let mut d = delivery_for(&a, &subscription(&a, ts(0)), ts(0));
+        let d = delivery_for(&a, &subscription(&a, ts(0)), ts(0));
         let item = store.delivery_item(&d).unwrap();
         for attr in [
             PK,
@@ -1241,9 +1357,9 @@ mod tests {
         }
         assert_eq!(
             item[DUE_AT],
-            AttributeValue::N(d.due_at.unwrap().unix_millis().to_string())
+            AttributeValue::N(d.due_at().unwrap().unix_millis().to_string())
         );
-        d.due_at = None;
+        let d = d.with_due_at_for_tests(None);
         let item = store.delivery_item(&d).unwrap();
         assert!(!item.contains_key(DUE_SHARD) && !item.contains_key(DUE_AT));
         let back: Delivery = body(item, DELIVERY).unwrap();
@@ -1265,6 +1381,26 @@ mod tests {
         assert_eq!(stored["data"], AttributeValue::S(e.data.get().to_owned()));
         let back = Event::try_from(body::<StoredEvent>(item, EVENT).unwrap()).unwrap();
         assert_eq!(back, e);
+    }
+
+    #[test]
+    fn delivery_list_keys_sort_by_creation_time_and_parse_back_as_cursors() {
+        let a = tenant("a");
+        let s = subscription(&a, ts(0));
+        let early = delivery_for(&a, &s, Timestamp::from_unix_millis(999));
+        let late = delivery_for(&a, &s, Timestamp::from_unix_millis(1_700_000_000_000));
+        let (ek, lk) = (delivery_list_sk(&early), delivery_list_sk(&late));
+        assert!(ek < lk, "{ek} sorts before {lk}");
+        assert_eq!(parse_delivery_cursor(&lk).unwrap(), lk);
+        for bad in [
+            "",
+            "x",
+            "1700000000000",
+            "170000000000#dlv_x",
+            &format!("{lk}x"),
+        ] {
+            assert!(parse_delivery_cursor(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

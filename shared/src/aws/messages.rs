@@ -342,7 +342,7 @@ mod tests {
                 next: None,
             })
         }
-        async fn update_subscription(&self, _s: &Subscription) -> StoreResult<()> {
+        async fn update_subscription(&self, _s: &Subscription, _v: u64) -> StoreResult<()> {
             Ok(())
         }
         async fn delete_subscription(
@@ -368,12 +368,15 @@ mod tests {
                     && (e.id == new.event.id || (key.is_some() && *key == new.idempotency_key))
             });
             if let Some((e, _)) = seen {
-                return Ok(InsertOutcome::Existing(e.id.clone()));
+                return Ok(InsertOutcome::Existing {
+                    event_id: e.id.clone(),
+                    fingerprint: e.fingerprint.clone(),
+                });
             }
             mem.events
                 .push((new.event.clone(), new.idempotency_key.clone()));
             for d in &new.deliveries {
-                mem.deliveries.insert(d.id.clone(), d.clone());
+                mem.deliveries.insert(d.id().clone(), d.clone());
             }
             Ok(InsertOutcome::Created)
         }
@@ -398,13 +401,13 @@ mod tests {
             Ok(mem
                 .deliveries
                 .get(id)
-                .filter(|d| &d.tenant_id == tenant)
+                .filter(|d| d.tenant_id() == tenant)
                 .cloned())
         }
         async fn update_delivery(&self, d: &Delivery, expected_version: u64) -> StoreResult<()> {
             let mut mem = self.mem();
-            let current = mem.deliveries.get_mut(&d.id).ok_or(StoreError::NotFound)?;
-            if current.version != expected_version {
+            let current = mem.deliveries.get_mut(d.id()).ok_or(StoreError::NotFound)?;
+            if current.version() != expected_version {
                 return Err(StoreError::Conflict);
             }
             *current = d.clone();
@@ -486,6 +489,7 @@ mod tests {
                 status: SubscriptionStatus::Active,
                 created_at: now,
                 updated_at: now,
+                version: 0,
             })
             .await
             .unwrap();
@@ -735,7 +739,7 @@ mod tests {
         assert_eq!(failed, ["bad-job", "down"]);
         assert_eq!(receiver.0.lock().unwrap().len(), 1, "one signed POST");
         let delivered = app.store.mem().deliveries[&job.delivery_id].clone();
-        assert_eq!(delivered.status.as_str(), "succeeded");
+        assert_eq!(delivered.status().as_str(), "succeeded");
 
         // A duplicate of the job (SQS is at-least-once) is done without a second POST.
         let again = handle_message(&app, &receiver, &job_message("dup", &job))
@@ -753,19 +757,19 @@ mod tests {
         let app = app_with_subscription().await;
         let receiver = OkReceiver::default();
         let now = app.clock.now();
-        let mut d = Delivery::new(
+        let d = Delivery::new(
             tenant(),
             EventId::generate(),
             SubscriptionId::generate(),
             now,
+            Duration::from_secs(30),
             Duration::from_secs(60),
         );
-        d.next_attempt_at = Some(now.saturating_add(Duration::from_secs(30)));
         let job = DeliveryJob {
             tenant_id: tenant(),
-            delivery_id: d.id.clone(),
+            delivery_id: d.id().clone(),
         };
-        app.store.mem().deliveries.insert(d.id.clone(), d);
+        app.store.mem().deliveries.insert(d.id().clone(), d);
         assert!(
             process_messages(&app, &receiver, vec![job_message("early", &job)], 4)
                 .await

@@ -69,6 +69,31 @@ prefixed_id!(
     "dlv_"
 );
 
+impl DeliveryId {
+    /// The id of the delivery of `event` to `subscription`: a hash of the three, shaped like
+    /// the other ids, so every path that creates this delivery (the API, the events queue, a
+    /// redelivered message, a retry after a crash) names the same one, and its `webhook-id`
+    /// never changes.
+    pub fn derive(tenant: &TenantId, event: &EventId, subscription: &SubscriptionId) -> Self {
+        use sha2::Digest as _;
+        let mut hash = sha2::Sha256::new();
+        for part in [tenant.as_str(), event.as_str(), subscription.as_str()] {
+            // Length-prefixed, so no two triples hash the same bytes.
+            hash.update((part.len() as u64).to_be_bytes());
+            hash.update(part.as_bytes());
+        }
+        let digest = hash.finalize();
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        let ulid = ulid::Ulid::from(u128::from_be_bytes(bytes));
+        Self(format!(
+            "{}{}",
+            Self::PREFIX,
+            ulid.to_string().to_ascii_lowercase()
+        ))
+    }
+}
+
 /// An event id. Generated ids look like `evt_…`; producers may bring their own (it is also the
 /// idempotency key), so any 1–128 characters of `[A-Za-z0-9._:-]` are accepted.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

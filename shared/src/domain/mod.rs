@@ -8,7 +8,10 @@ mod secret;
 mod timestamp;
 
 pub use callback_url::{CallbackUrl, CallbackUrlError, MAX_CALLBACK_URL_LEN};
-pub use delivery::{Attempt, Delivery, DeliveryStatus, Lease, NotLeasable};
+pub use delivery::{
+    Attempt, Delivery, DeliveryStatus, FollowUp, Lease, MAX_ERROR_BYTES, MAX_KEPT_ATTEMPTS,
+    MAX_RESENDS, MAX_SNIPPET_BYTES, NotLeasable, NotResendable, RetryPlan, bounded_text,
+};
 pub use event_type::{EventType, EventTypeError, EventTypePattern, MAX_EVENT_TYPE_LEN};
 pub use ids::{DeliveryId, EventId, IdError, SubscriptionId, TenantId};
 pub use secret::{Secret, SecretError};
@@ -47,12 +50,17 @@ pub struct Subscription {
     pub status: SubscriptionStatus,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+    /// Bumped by every change; stores refuse a write whose expected version is stale, so two
+    /// changes made at once (a PATCH and a `410 Gone`) never overwrite each other unseen.
+    #[serde(default)]
+    pub version: u64,
 }
 
 impl Subscription {
-    /// Whether an event of this type is delivered to this subscription now.
+    /// Whether an event of this type gets a delivery to this subscription: an active one
+    /// receives it, a paused one holds it until it is active again, a disabled one never.
     pub fn wants(&self, event_type: &EventType) -> bool {
-        self.status == SubscriptionStatus::Active
+        self.status != SubscriptionStatus::Disabled
             && self.event_types.iter().any(|p| p.matches(event_type))
     }
 }
@@ -67,6 +75,10 @@ pub struct Event {
     /// The producer's `data`, byte for byte: consumers get exactly what was published.
     pub data: Box<RawValue>,
     pub received_at: Timestamp,
+    /// A hash of what the producer sent (type, data, and the optional id and time), so a
+    /// repeated idempotency key or event id with another body is told apart from a retry.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fingerprint: String,
 }
 
 impl PartialEq for Event {
@@ -77,6 +89,7 @@ impl PartialEq for Event {
             && self.occurred_at == other.occurred_at
             && self.data.get() == other.data.get()
             && self.received_at == other.received_at
+            && self.fingerprint == other.fingerprint
     }
 }
 
