@@ -5,6 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The style gate first: it is cheap and says exactly what to fix.
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy (warnings are errors; unwrap/expect only in tests and start-up code)"
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+
 source tests/emulator.sh
 install_emulator
 

@@ -4,6 +4,8 @@
 //!
 //! `cargo bench -p tidings-core --bench matching`
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: a failed set-up ends it
+
 use std::hint::black_box;
 use std::time::Duration;
 

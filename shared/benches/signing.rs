@@ -3,6 +3,8 @@
 //!
 //! `cargo bench -p tidings-core --bench signing`
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::hint::black_box;
 use std::time::Duration;
 

@@ -11,6 +11,8 @@
 //!
 //! `cargo bench -p tidings-core --bench store_writes`
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: a failed set-up ends it
+
 use std::time::{Duration, Instant};
 
 use criterion::{

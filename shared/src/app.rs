@@ -1051,6 +1051,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
 }
 
 #[cfg(all(test, feature = "sqlite"))]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use std::sync::Mutex;
 

@@ -5,6 +5,9 @@
 //! A backend's tests call [`store_conformance_tests!`](crate::store_conformance_tests) with an
 //! `async fn() -> impl Store` returning a fresh, empty store; each case becomes one test.
 
+// Test support: a failed fixture or assertion is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use serde_json::value::RawValue;

@@ -5,6 +5,7 @@
 //! `AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`. Without it
 //! every test fails (never skips). Each test gets its own, uniquely named table.
 #![cfg(all(feature = "aws", feature = "testing"))]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed assertion is a failed test
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -3,6 +3,7 @@
 //! Needs `AWS_ENDPOINT_URL` (e.g. `http://127.0.0.1:5555`), `AWS_REGION` and credentials, as
 //! `tests/run.sh` exports them. Without a reachable emulator these tests fail; they never skip.
 #![cfg(feature = "aws")]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed assertion is a failed test
 
 use std::collections::HashMap;
 use std::time::Duration;

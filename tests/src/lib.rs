@@ -2,6 +2,9 @@
 //! process or as the real `tidings` binary), and an API client. Everything listens on 127.0.0.1.
 //! [`aws_local`] is the local Lambda / API Gateway / SQS-trigger stand-in (`tidings-aws-local`).
 
+// A test harness: a failed set-up or assertion is a failed test, said at once.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 pub mod aws_local;
 
 use std::collections::{HashSet, VecDeque};
