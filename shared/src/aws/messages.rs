@@ -167,7 +167,8 @@ where
     Ok(handled)
 }
 
-/// [`handle_message`], leaving a published event's delivery jobs to the caller.
+/// [`handle_message`], leaving the jobs it makes to the caller: a published event's delivery
+/// jobs, and a job that arrived before its delivery is due, again with the time left.
 async fn handle_message_deferred<S, Q, C, H>(
     app: &App<S, Q, C>,
     sender: &H,
@@ -180,12 +181,20 @@ where
     H: HttpSender,
 {
     match Message::parse(message)? {
-        // Every outcome is final for this message, `NotDue` included: the delivery's due time in
-        // the store makes the sweep send it again.
-        Message::Deliver(job) => Ok((
-            Handled::Delivered(app.deliver(sender, &job).await?),
-            Vec::new(),
-        )),
+        Message::Deliver(job) => {
+            let outcome = app.deliver(sender, &job).await?;
+            let mut jobs = Vec::new();
+            if let DeliverOutcome::NotDue(at) = outcome {
+                // Early (clock skew between SQS and this function, or a stale duplicate): the job
+                // goes back with the time left, as locally. Past the queue's longest delay the
+                // sweep sends it when it is due, from its due time in the store.
+                let left = app.clock.now().until(at);
+                if left <= app.queue.max_delay() {
+                    jobs.push((job, left));
+                }
+            }
+            Ok((Handled::Delivered(outcome), jobs))
+        }
         Message::Publish {
             tenant,
             request,
@@ -199,8 +208,9 @@ where
 
 /// Handles every record, at most `concurrency` at a time, each in its own span; returns the ids
 /// of the messages that must come back (SQS `batchItemFailures`). One bad record never fails
-/// the others. The delivery jobs of the events published from the batch go out together at the
-/// end (one `SendMessageBatch` per 10 instead of one per event: a tenth of the SQS requests).
+/// the others. The delivery jobs of the events published from the batch, and the early jobs
+/// sent back, go out together at the end (one `SendMessageBatch` per 10 instead of one per
+/// record: a tenth of the SQS requests).
 pub async fn process_messages<S, Q, C, H>(
     app: &App<S, Q, C>,
     sender: &H,
@@ -244,7 +254,7 @@ where
 fn log_handled(handled: &Handled) {
     match handled {
         Handled::Delivered(DeliverOutcome::NotDue(at)) => {
-            tracing::info!(due = %at, "job arrived before its delivery is due; the sweep sends it then")
+            tracing::info!(due = %at, "job arrived before its delivery is due; sent back for then (the sweep's, if beyond the queue's longest delay)")
         }
         Handled::Delivered(outcome) => tracing::debug!(?outcome, "job handled"),
         Handled::Published(p) => tracing::info!(
@@ -748,10 +758,7 @@ mod tests {
         assert_eq!(receiver.0.lock().unwrap().len(), 1);
     }
 
-    #[tokio::test]
-    async fn a_job_that_arrives_early_is_done_and_left_to_the_sweep() {
-        let app = app_with_subscription().await;
-        let receiver = OkReceiver::default();
+    fn early_delivery(app: &TestApp, due_in: Duration) -> DeliveryJob {
         let now = app.clock.now();
         let mut d = Delivery::new(
             tenant(),
@@ -760,17 +767,61 @@ mod tests {
             now,
             Duration::from_secs(60),
         );
-        d.next_attempt_at = Some(now.saturating_add(Duration::from_secs(30)));
+        d.next_attempt_at = Some(now.saturating_add(due_in));
         let job = DeliveryJob {
             tenant_id: tenant(),
             delivery_id: d.id.clone(),
         };
         app.store.mem().deliveries.insert(d.id.clone(), d);
+        job
+    }
+
+    #[tokio::test]
+    async fn a_job_that_arrives_early_is_sent_back_with_the_batch_for_the_time_left() {
+        let app = app_with_subscription().await;
+        let receiver = OkReceiver::default();
+        let soon = early_delivery(&app, Duration::from_secs(30));
+        let at_the_limit = early_delivery(&app, Duration::from_secs(900));
+        let beyond = early_delivery(&app, Duration::from_secs(901));
+        let messages = vec![
+            job_message("soon", &soon),
+            job_message("at-the-limit", &at_the_limit),
+            job_message("beyond", &beyond),
+            event_message("event", ORDER, &[("tenant", "acme")]),
+        ];
         assert!(
-            process_messages(&app, &receiver, vec![job_message("early", &job)], 4)
+            process_messages(&app, &receiver, messages, 4)
                 .await
                 .is_empty()
         );
-        assert!(receiver.0.lock().unwrap().is_empty());
+        assert!(
+            receiver.0.lock().unwrap().is_empty(),
+            "nothing is sent early"
+        );
+        let sent = app.queue.0.lock().unwrap().clone();
+        assert_eq!(
+            app.queue.1.load(Ordering::Relaxed),
+            1,
+            "the early jobs go out with the event's job, in one enqueue"
+        );
+        assert_eq!(sent.len(), 3, "{sent:?}");
+        assert!(sent.contains(&(soon, Duration::from_secs(30))), "{sent:?}");
+        assert!(sent.contains(&(at_the_limit, Duration::from_secs(900))));
+        // Beyond SQS's 15 minutes the sweep sends it from its due time in the store.
+        assert!(sent.iter().all(|(j, _)| j != &beyond));
+
+        // One record alone (handle_message) sends its early job back too.
+        let alone = early_delivery(&app, Duration::from_secs(5));
+        let handled = handle_message(&app, &receiver, &job_message("alone", &alone))
+            .await
+            .unwrap();
+        assert!(matches!(
+            handled,
+            Handled::Delivered(DeliverOutcome::NotDue(_))
+        ));
+        assert_eq!(
+            app.queue.0.lock().unwrap().last(),
+            Some(&(alone, Duration::from_secs(5)))
+        );
     }
 }
