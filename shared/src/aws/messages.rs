@@ -7,12 +7,17 @@
 //! | kind | message attributes (String) | body |
 //! | --- | --- | --- |
 //! | delivery job (from [`SqsQueue`](super::sqs::SqsQueue)) | `tidings-kind` = `delivery-job` | `{"tenantId":"…","deliveryId":"dlv_…"}` |
-//! | producer event (the "events" queue) | no `tidings-kind`; `tenant` (required); `idempotency-key` (optional) | the `POST /events` JSON: `{"eventType","data","eventId"?,"occurredAt"?}` |
+//! | producer event (the "events" queue) | no `tidings-kind`; `tenant` (required); `idempotency-key` (optional); `tidings-original-message-id` and `tidings-original-sent-at` (set by a redrive, see below) | the `POST /events` JSON: `{"eventType","data","eventId"?,"occurredAt"?}` |
 //!
 //! A producer event without `idempotency-key` is deduplicated by its `eventId`. Without one, its
 //! event id is derived from the SQS message id and send time ([`EventId::for_message`]), so SQS's
 //! own redeliveries of one message name the same event and never publish twice, and the store needs
-//! no separate idempotency item (a transaction's worth of writes) to tell. A record that cannot be
+//! no separate idempotency item (a transaction's worth of writes) to tell. A move to the DLQ keeps
+//! both (standard queues), but a redrive out of it does not: SQS's redrive (`StartMessageMoveTask`)
+//! sends a new message with a new id and send time. So the events DLQ is redriven by copying each
+//! message with its original id and `SentTimestamp` in the attributes
+//! [`ORIGINAL_MESSAGE_ID_ATTRIBUTE`] and [`ORIGINAL_SENT_AT_ATTRIBUTE`] (docs/producers.md has the
+//! script), and the id is derived from those when present. A record that cannot be
 //! handled is reported back (so it returns to its queue, and the queue's redrive policy moves a
 //! malformed one to the DLQ after `maxReceiveCount` receives); it never affects the other records.
 
@@ -37,6 +42,10 @@ pub const DELIVERY_JOB_KIND: &str = "delivery-job";
 pub const TENANT_ATTRIBUTE: &str = "tenant";
 /// Optional message attribute of a producer event: its idempotency key.
 pub const IDEMPOTENCY_KEY_ATTRIBUTE: &str = "idempotency-key";
+/// Message attribute of a redriven producer event: the SQS message id it was first sent with.
+pub const ORIGINAL_MESSAGE_ID_ATTRIBUTE: &str = "tidings-original-message-id";
+/// Message attribute of a redriven producer event: its first `SentTimestamp` (epoch ms).
+pub const ORIGINAL_SENT_AT_ATTRIBUTE: &str = "tidings-original-sent-at";
 
 /// One queue record, as any queue trigger delivers it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -74,6 +83,10 @@ pub enum MessageError {
     BadTenant(#[source] IdError),
     #[error("the event body is invalid: {}", .0.detail)]
     BadEvent(Problem),
+    #[error(
+        "`{ORIGINAL_MESSAGE_ID_ATTRIBUTE}` needs `{ORIGINAL_SENT_AT_ATTRIBUTE}` (epoch milliseconds) beside it"
+    )]
+    BadOriginal,
 }
 
 impl MessageError {
@@ -83,6 +96,7 @@ impl MessageError {
             Self::UnknownKind(_) => Some(KIND_ATTRIBUTE),
             Self::MissingTenant | Self::BadTenant(_) => Some(TENANT_ATTRIBUTE),
             Self::BadEvent(p) => p.field.as_deref(),
+            Self::BadOriginal => Some(ORIGINAL_SENT_AT_ATTRIBUTE),
             Self::BadJob(_) => None,
         }
     }
@@ -105,10 +119,8 @@ impl Message {
                     parse_publish(message.body.as_bytes()).map_err(MessageError::BadEvent)?;
                 let idempotency_key = message.attributes.get(IDEMPOTENCY_KEY_ATTRIBUTE).cloned();
                 if idempotency_key.is_none() && request.event_id.is_none() {
-                    request.event_id = Some(EventId::for_message(
-                        message.sent_at_ms,
-                        &message.message_id,
-                    ));
+                    let (sent_at_ms, message_id) = first_identity(message)?;
+                    request.event_id = Some(EventId::for_message(sent_at_ms, message_id));
                 }
                 Ok(Self::Publish {
                     tenant,
@@ -116,6 +128,22 @@ impl Message {
                     idempotency_key,
                 })
             }
+        }
+    }
+}
+
+/// The send time and id of the message as it was first sent: from the redrive attributes when
+/// present, else the message's own.
+fn first_identity(message: &QueueMessage) -> Result<(u64, &str), MessageError> {
+    match message.attributes.get(ORIGINAL_MESSAGE_ID_ATTRIBUTE) {
+        None => Ok((message.sent_at_ms, &message.message_id)),
+        Some(id) => {
+            let sent_at = message
+                .attributes
+                .get(ORIGINAL_SENT_AT_ATTRIBUTE)
+                .and_then(|t| t.trim().parse().ok())
+                .ok_or(MessageError::BadOriginal)?;
+            Ok((sent_at, id))
         }
     }
 }
@@ -823,5 +851,78 @@ mod tests {
             app.queue.0.lock().unwrap().last(),
             Some(&(alone, Duration::from_secs(5)))
         );
+    }
+
+    // ---- redriven producer events ----
+
+    #[test]
+    fn a_redriven_event_is_named_by_the_message_it_first_was() {
+        let first = event_message("first-id", ORDER, &[("tenant", "acme")]);
+        let first_id = EventId::for_message(first.sent_at_ms, "first-id");
+        let event_id = |m: &QueueMessage| match Message::parse(m).unwrap() {
+            Message::Publish { request, .. } => request.event_id,
+            other => panic!("expected an event, got {other:?}"),
+        };
+        assert_eq!(event_id(&first), Some(first_id.clone()));
+        // A redrive sends a copy with a new id and send time, and the first ones as attributes.
+        let sent_at = first.sent_at_ms.to_string();
+        let redriven = |new_id: &str| {
+            let mut m = event_message(
+                new_id,
+                ORDER,
+                &[
+                    ("tenant", "acme"),
+                    (ORIGINAL_MESSAGE_ID_ATTRIBUTE, "first-id"),
+                    (ORIGINAL_SENT_AT_ATTRIBUTE, &sent_at),
+                ],
+            );
+            m.sent_at_ms += 86_400_000;
+            m
+        };
+        assert_eq!(event_id(&redriven("copy-1")), Some(first_id.clone()));
+        assert_eq!(event_id(&redriven("copy-2")), Some(first_id));
+        // The producer's own eventId still wins.
+        let mut with_id = redriven("copy-3");
+        with_id.body = r#"{"eventType":"order.created","eventId":"e-1","data":1}"#.into();
+        assert_eq!(event_id(&with_id), Some(EventId::parse("e-1").unwrap()));
+        // An original id without its send time is refused, naming the missing attribute.
+        for bad_time in [None, Some("yesterday")] {
+            let mut m = redriven("copy-4");
+            match bad_time {
+                None => m.attributes.remove(ORIGINAL_SENT_AT_ATTRIBUTE),
+                Some(t) => m
+                    .attributes
+                    .insert(ORIGINAL_SENT_AT_ATTRIBUTE.into(), t.into()),
+            };
+            let e = Message::parse(&m).unwrap_err();
+            assert_eq!(e.field(), Some(ORIGINAL_SENT_AT_ATTRIBUTE), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_and_its_redriven_copies_publish_once() {
+        let app = app_with_subscription().await;
+        let receiver = OkReceiver::default();
+        let first = event_message("first-id", ORDER, &[("tenant", "acme")]);
+        let sent_at = first.sent_at_ms.to_string();
+        let copy = |id: &str| {
+            event_message(
+                id,
+                ORDER,
+                &[
+                    ("tenant", "acme"),
+                    (ORIGINAL_MESSAGE_ID_ATTRIBUTE, "first-id"),
+                    (ORIGINAL_SENT_AT_ATTRIBUTE, &sent_at),
+                ],
+            )
+        };
+        let messages = vec![first, copy("copy-1"), copy("copy-2")];
+        assert!(
+            process_messages(&app, &receiver, messages, 1)
+                .await
+                .is_empty()
+        );
+        assert_eq!(app.store.mem().events.len(), 1);
+        assert_eq!(app.store.mem().deliveries.len(), 1);
     }
 }
