@@ -10,10 +10,14 @@ directory and the venv's bin/ (aws, standardwebhooks) first on PATH.
 3. docs/consumers.md `check:python-receiver`: the Python receiver verifies real deliveries
    (one event published through the API, one through the documented SQS `send-message` of
    docs/producers.md `check:send-message`) and rejects a forged one;
-4. docs/deploy.md `check:revoke-api-key`: after it (and the functions' key cache time), the key
+4. docs/producers.md `check:redrive-events`: a producer message without eventId, sitting in the
+   events DLQ, is redriven by the documented script and published under the event id derived
+   from its first message id and send time (as `EventId::for_message` derives it), once;
+5. docs/deploy.md `check:revoke-api-key`: after it (and the functions' key cache time), the key
    gets 401.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -96,6 +100,29 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def event_id_for_message(sent_at_ms, message_id):
+    """`EventId::for_message` (shared/src/domain/ids.rs): a ULID of the send time and the first
+    10 bytes of the message id's SHA-256, lower-case, prefixed `evt_`."""
+    value = (sent_at_ms << 80) | int.from_bytes(hashlib.sha256(message_id.encode()).digest()[:10], "big")
+    alphabet = "0123456789abcdefghjkmnpqrstvwxyz"
+    return "evt_" + "".join(alphabet[(value >> (5 * i)) & 31] for i in reversed(range(26)))
+
+
+def run_python_block(doc, marker, env):
+    """Runs a Python block of the docs with this interpreter (the venv's: boto3); its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-c", doc_block(doc, marker)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if done.returncode != 0:
+        fail(f"docs/{doc} `{marker}` failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    print(f"    docs/{doc} `{marker}`: ok ({done.stdout.strip()})")
+    return done.stdout
 
 
 def wait_for(what, predicate, timeout=90):
@@ -225,7 +252,37 @@ def main():
         if any(l[1] == "order.forged" for l in lines()):
             fail("the receiver accepted the forged delivery")
 
-        # ---- 4. the documented revocation
+        # ---- 4. the documented redrive of the events DLQ: a message without eventId that sits
+        # there (a move into the DLQ keeps its id and send time) comes back under the same event
+        import boto3
+
+        sqs = boto3.client("sqs")
+        dlq = local["eventsDlqUrl"]
+        sent = sqs.send_message(
+            QueueUrl=dlq,
+            MessageBody=json.dumps({"eventType": "order.redriven", "data": {"n": 1}}),
+            MessageAttributes={"tenant": {"DataType": "String", "StringValue": TENANT}},
+        )
+        peek = sqs.receive_message(QueueUrl=dlq, AttributeNames=["SentTimestamp"], VisibilityTimeout=0)
+        [first] = peek["Messages"]
+        if first["MessageId"] != sent["MessageId"]:
+            fail(f"expected the one message in the events DLQ, got {first}")
+        expected = event_id_for_message(int(first["Attributes"]["SentTimestamp"]), first["MessageId"])
+        out = run_python_block("producers.md", "redrive-events", {"EVENTS_DLQ_URL": dlq, "EVENTS_QUEUE_URL": queue})
+        if "moved 1 messages" not in out:
+            fail(f"the redrive script moved something other than the one message: {out}")
+        wait_for(
+            f"the redriven event {expected}",
+            lambda: http("GET", f"{api}/events/{expected}", key)[0] == 200,
+        )
+        wait_for("its delivery", lambda: any(l[1] == "order.redriven" for l in lines()))
+        time.sleep(2)  # a second publish would deliver within this
+        redriven = [l for l in lines() if l[1] == "order.redriven"]
+        if len(redriven) != 1:
+            fail(f"the redriven event was delivered {len(redriven)} times: {redriven}")
+        print(f"    the redriven message was published as {expected}, once")
+
+        # ---- 5. the documented revocation
         run_block("deploy.md", "revoke-api-key", {"TABLE": table, "KEY": key})
         # A warm api function remembers a key for TIDINGS_API_KEY_CACHE (documented).
         time.sleep(KEY_CACHE_SECONDS + 0.5)

@@ -4,6 +4,7 @@
 
 mod api;
 mod aws;
+mod aws_faults;
 mod delivery;
 mod durability;
 mod egress;

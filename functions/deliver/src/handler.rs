@@ -1,5 +1,7 @@
 //! SQS event in, `batchItemFailures` out; the work itself is `aws::process_messages`.
 
+use std::time::{Duration, SystemTime};
+
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use tidings_core::app::App;
 use tidings_core::aws::{QueueMessage, process_messages};
@@ -26,6 +28,23 @@ pub async fn handle<S: Store, Q: DeliveryQueue, C: Clock, H: HttpSender>(
     let mut response = SqsBatchResponse::default();
     response.set_failures(failed);
     response
+}
+
+/// Whether the invocation's deadline is within `deliver_timeout` (`TIDINGS_DELIVER_TIMEOUT`, of
+/// which the lease is derived); logs an error when it is not: the function's real timeout is
+/// longer than the setting, so a slow invocation could outlive its lease.
+pub fn check_deadline(deadline: SystemTime, now: SystemTime, deliver_timeout: Duration) -> bool {
+    let left = deadline.duration_since(now).unwrap_or_default();
+    // A second of slack for the runtime's rounding and the time since the invocation began.
+    let fits = left <= deliver_timeout + Duration::from_secs(1);
+    if !fits {
+        tracing::error!(
+            left_ms = left.as_millis() as u64,
+            deliver_timeout_ms = deliver_timeout.as_millis() as u64,
+            "this invocation may run longer than TIDINGS_DELIVER_TIMEOUT: set it to the function's timeout, or a slow invocation can outlive its lease"
+        );
+    }
+    fits
 }
 
 /// The record's id, body and string-valued message attributes. A record without an id (SQS always
@@ -76,6 +95,21 @@ mod tests {
         assert_eq!(m.attributes.len(), 1, "binary attributes are dropped");
         assert_eq!(m.attributes["tenant"], "acme");
         assert_eq!(m.sent_at_ms, 1_545_082_649_183);
+    }
+
+    #[test]
+    fn a_deadline_beyond_the_configured_timeout_is_flagged() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let timeout = Duration::from_secs(60);
+        assert!(check_deadline(now + timeout, now, timeout));
+        assert!(check_deadline(now + Duration::from_secs(10), now, timeout));
+        assert!(check_deadline(now, now + Duration::from_secs(1), timeout));
+        assert!(!check_deadline(now + Duration::from_secs(62), now, timeout));
+        assert!(!check_deadline(
+            now + Duration::from_secs(900),
+            now,
+            timeout
+        ));
     }
 
     #[test]

@@ -7,6 +7,8 @@
 
 mod handler;
 
+use std::time::SystemTime;
+
 use lambda_runtime::{Error, LambdaEvent, service_fn};
 use tidings_core::aws::{build_app, build_sender, init_lambda_logging, settings_from_env};
 
@@ -15,8 +17,9 @@ async fn main() -> Result<(), Error> {
     init_lambda_logging();
     let settings = settings_from_env()?;
     let (app, sender) = (&build_app(&settings).await, &build_sender(&settings)?);
-    let concurrency = settings.deliver_concurrency;
+    let (concurrency, timeout) = (settings.deliver_concurrency, settings.deliver_timeout);
     lambda_runtime::run(service_fn(move |event: LambdaEvent<_>| async move {
+        handler::check_deadline(event.context.deadline(), SystemTime::now(), timeout);
         Ok::<_, Error>(handler::handle(app, sender, concurrency, event.payload).await)
     }))
     .await

@@ -7,12 +7,17 @@
 //! | kind | message attributes (String) | body |
 //! | --- | --- | --- |
 //! | delivery job (from [`SqsQueue`](super::sqs::SqsQueue)) | `tidings-kind` = `delivery-job` | `{"tenantId":"…","deliveryId":"dlv_…"}` |
-//! | producer event (the "events" queue) | no `tidings-kind`; `tenant` (required); `idempotency-key` (optional) | the `POST /events` JSON: `{"eventType","data","eventId"?,"occurredAt"?}` |
+//! | producer event (the "events" queue) | no `tidings-kind`; `tenant` (required); `idempotency-key` (optional); `tidings-original-message-id` and `tidings-original-sent-at` (set by a redrive, see below) | the `POST /events` JSON: `{"eventType","data","eventId"?,"occurredAt"?}` |
 //!
 //! A producer event without `idempotency-key` is deduplicated by its `eventId`. Without one, its
 //! event id is derived from the SQS message id and send time ([`EventId::for_message`]), so SQS's
 //! own redeliveries of one message name the same event and never publish twice, and the store needs
-//! no separate idempotency item (a transaction's worth of writes) to tell. A record that cannot be
+//! no separate idempotency item (a transaction's worth of writes) to tell. A move to the DLQ keeps
+//! both (standard queues), but a redrive out of it does not: SQS's redrive (`StartMessageMoveTask`)
+//! sends a new message with a new id and send time. So the events DLQ is redriven by copying each
+//! message with its original id and `SentTimestamp` in the attributes
+//! [`ORIGINAL_MESSAGE_ID_ATTRIBUTE`] and [`ORIGINAL_SENT_AT_ATTRIBUTE`] (docs/producers.md has the
+//! script), and the id is derived from those when present. A record that cannot be
 //! handled is reported back (so it returns to its queue, and the queue's redrive policy moves a
 //! malformed one to the DLQ after `maxReceiveCount` receives); it never affects the other records.
 
@@ -37,6 +42,10 @@ pub const DELIVERY_JOB_KIND: &str = "delivery-job";
 pub const TENANT_ATTRIBUTE: &str = "tenant";
 /// Optional message attribute of a producer event: its idempotency key.
 pub const IDEMPOTENCY_KEY_ATTRIBUTE: &str = "idempotency-key";
+/// Message attribute of a redriven producer event: the SQS message id it was first sent with.
+pub const ORIGINAL_MESSAGE_ID_ATTRIBUTE: &str = "tidings-original-message-id";
+/// Message attribute of a redriven producer event: its first `SentTimestamp` (epoch ms).
+pub const ORIGINAL_SENT_AT_ATTRIBUTE: &str = "tidings-original-sent-at";
 
 /// One queue record, as any queue trigger delivers it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -74,6 +83,10 @@ pub enum MessageError {
     BadTenant(#[source] IdError),
     #[error("the event body is invalid: {}", .0.detail)]
     BadEvent(Problem),
+    #[error(
+        "`{ORIGINAL_MESSAGE_ID_ATTRIBUTE}` needs `{ORIGINAL_SENT_AT_ATTRIBUTE}` (epoch milliseconds) beside it"
+    )]
+    BadOriginal,
 }
 
 impl MessageError {
@@ -83,6 +96,7 @@ impl MessageError {
             Self::UnknownKind(_) => Some(KIND_ATTRIBUTE),
             Self::MissingTenant | Self::BadTenant(_) => Some(TENANT_ATTRIBUTE),
             Self::BadEvent(p) => p.field.as_deref(),
+            Self::BadOriginal => Some(ORIGINAL_SENT_AT_ATTRIBUTE),
             Self::BadJob(_) => None,
         }
     }
@@ -105,10 +119,8 @@ impl Message {
                     parse_publish(message.body.as_bytes()).map_err(MessageError::BadEvent)?;
                 let idempotency_key = message.attributes.get(IDEMPOTENCY_KEY_ATTRIBUTE).cloned();
                 if idempotency_key.is_none() && request.event_id.is_none() {
-                    request.event_id = Some(EventId::for_message(
-                        message.sent_at_ms,
-                        &message.message_id,
-                    ));
+                    let (sent_at_ms, message_id) = first_identity(message)?;
+                    request.event_id = Some(EventId::for_message(sent_at_ms, message_id));
                 }
                 Ok(Self::Publish {
                     tenant,
@@ -116,6 +128,22 @@ impl Message {
                     idempotency_key,
                 })
             }
+        }
+    }
+}
+
+/// The send time and id of the message as it was first sent: from the redrive attributes when
+/// present, else the message's own.
+fn first_identity(message: &QueueMessage) -> Result<(u64, &str), MessageError> {
+    match message.attributes.get(ORIGINAL_MESSAGE_ID_ATTRIBUTE) {
+        None => Ok((message.sent_at_ms, &message.message_id)),
+        Some(id) => {
+            let sent_at = message
+                .attributes
+                .get(ORIGINAL_SENT_AT_ATTRIBUTE)
+                .and_then(|t| t.trim().parse().ok())
+                .ok_or(MessageError::BadOriginal)?;
+            Ok((sent_at, id))
         }
     }
 }
@@ -167,7 +195,8 @@ where
     Ok(handled)
 }
 
-/// [`handle_message`], leaving a published event's delivery jobs to the caller.
+/// [`handle_message`], leaving the jobs it makes to the caller: a published event's delivery
+/// jobs, and a job that arrived before its delivery is due, again with the time left.
 async fn handle_message_deferred<S, Q, C, H>(
     app: &App<S, Q, C>,
     sender: &H,
@@ -180,12 +209,20 @@ where
     H: HttpSender,
 {
     match Message::parse(message)? {
-        // Every outcome is final for this message, `NotDue` included: the delivery's due time in
-        // the store makes the sweep send it again.
-        Message::Deliver(job) => Ok((
-            Handled::Delivered(app.deliver(sender, &job).await?),
-            Vec::new(),
-        )),
+        Message::Deliver(job) => {
+            let outcome = app.deliver(sender, &job).await?;
+            let mut jobs = Vec::new();
+            if let DeliverOutcome::NotDue(at) = outcome {
+                // Early (clock skew between SQS and this function, or a stale duplicate): the job
+                // goes back with the time left, as locally. Past the queue's longest delay the
+                // sweep sends it when it is due, from its due time in the store.
+                let left = app.clock.now().until(at);
+                if left <= app.queue.max_delay() {
+                    jobs.push((job, left));
+                }
+            }
+            Ok((Handled::Delivered(outcome), jobs))
+        }
         Message::Publish {
             tenant,
             request,
@@ -199,8 +236,9 @@ where
 
 /// Handles every record, at most `concurrency` at a time, each in its own span; returns the ids
 /// of the messages that must come back (SQS `batchItemFailures`). One bad record never fails
-/// the others. The delivery jobs of the events published from the batch go out together at the
-/// end (one `SendMessageBatch` per 10 instead of one per event: a tenth of the SQS requests).
+/// the others. The delivery jobs of the events published from the batch, and the early jobs
+/// sent back, go out together at the end (one `SendMessageBatch` per 10 instead of one per
+/// record: a tenth of the SQS requests).
 pub async fn process_messages<S, Q, C, H>(
     app: &App<S, Q, C>,
     sender: &H,
@@ -244,7 +282,7 @@ where
 fn log_handled(handled: &Handled) {
     match handled {
         Handled::Delivered(DeliverOutcome::NotDue(at)) => {
-            tracing::info!(due = %at, "job arrived before its delivery is due; the sweep sends it then")
+            tracing::info!(due = %at, "job arrived before its delivery is due; sent back for then (the sweep's, if beyond the queue's longest delay)")
         }
         Handled::Delivered(outcome) => tracing::debug!(?outcome, "job handled"),
         Handled::Published(p) => tracing::info!(
@@ -752,17 +790,15 @@ mod tests {
         assert_eq!(receiver.0.lock().unwrap().len(), 1);
     }
 
-    #[tokio::test]
-    async fn a_job_that_arrives_early_is_done_and_left_to_the_sweep() {
-        let app = app_with_subscription().await;
-        let receiver = OkReceiver::default();
+    fn early_delivery(app: &TestApp, due_in: Duration) -> DeliveryJob {
         let now = app.clock.now();
+        // The schedule's first entry delays its first attempt by `due_in`.
         let d = Delivery::new(
             tenant(),
             EventId::generate(),
             SubscriptionId::generate(),
             now,
-            Duration::from_secs(30),
+            due_in,
             Duration::from_secs(60),
         );
         let job = DeliveryJob {
@@ -770,11 +806,128 @@ mod tests {
             delivery_id: d.id().clone(),
         };
         app.store.mem().deliveries.insert(d.id().clone(), d);
+        job
+    }
+
+    #[tokio::test]
+    async fn a_job_that_arrives_early_is_sent_back_with_the_batch_for_the_time_left() {
+        let app = app_with_subscription().await;
+        let receiver = OkReceiver::default();
+        let soon = early_delivery(&app, Duration::from_secs(30));
+        let at_the_limit = early_delivery(&app, Duration::from_secs(900));
+        let beyond = early_delivery(&app, Duration::from_secs(901));
+        let messages = vec![
+            job_message("soon", &soon),
+            job_message("at-the-limit", &at_the_limit),
+            job_message("beyond", &beyond),
+            event_message("event", ORDER, &[("tenant", "acme")]),
+        ];
         assert!(
-            process_messages(&app, &receiver, vec![job_message("early", &job)], 4)
+            process_messages(&app, &receiver, messages, 4)
                 .await
                 .is_empty()
         );
-        assert!(receiver.0.lock().unwrap().is_empty());
+        assert!(
+            receiver.0.lock().unwrap().is_empty(),
+            "nothing is sent early"
+        );
+        let sent = app.queue.0.lock().unwrap().clone();
+        assert_eq!(
+            app.queue.1.load(Ordering::Relaxed),
+            1,
+            "the early jobs go out with the event's job, in one enqueue"
+        );
+        assert_eq!(sent.len(), 3, "{sent:?}");
+        assert!(sent.contains(&(soon, Duration::from_secs(30))), "{sent:?}");
+        assert!(sent.contains(&(at_the_limit, Duration::from_secs(900))));
+        // Beyond SQS's 15 minutes the sweep sends it from its due time in the store.
+        assert!(sent.iter().all(|(j, _)| j != &beyond));
+
+        // One record alone (handle_message) sends its early job back too.
+        let alone = early_delivery(&app, Duration::from_secs(5));
+        let handled = handle_message(&app, &receiver, &job_message("alone", &alone))
+            .await
+            .unwrap();
+        assert!(matches!(
+            handled,
+            Handled::Delivered(DeliverOutcome::NotDue(_))
+        ));
+        assert_eq!(
+            app.queue.0.lock().unwrap().last(),
+            Some(&(alone, Duration::from_secs(5)))
+        );
+    }
+
+    // ---- redriven producer events ----
+
+    #[test]
+    fn a_redriven_event_is_named_by_the_message_it_first_was() {
+        let first = event_message("first-id", ORDER, &[("tenant", "acme")]);
+        let first_id = EventId::for_message(first.sent_at_ms, "first-id");
+        let event_id = |m: &QueueMessage| match Message::parse(m).unwrap() {
+            Message::Publish { request, .. } => request.event_id,
+            other => panic!("expected an event, got {other:?}"),
+        };
+        assert_eq!(event_id(&first), Some(first_id.clone()));
+        // A redrive sends a copy with a new id and send time, and the first ones as attributes.
+        let sent_at = first.sent_at_ms.to_string();
+        let redriven = |new_id: &str| {
+            let mut m = event_message(
+                new_id,
+                ORDER,
+                &[
+                    ("tenant", "acme"),
+                    (ORIGINAL_MESSAGE_ID_ATTRIBUTE, "first-id"),
+                    (ORIGINAL_SENT_AT_ATTRIBUTE, &sent_at),
+                ],
+            );
+            m.sent_at_ms += 86_400_000;
+            m
+        };
+        assert_eq!(event_id(&redriven("copy-1")), Some(first_id.clone()));
+        assert_eq!(event_id(&redriven("copy-2")), Some(first_id));
+        // The producer's own eventId still wins.
+        let mut with_id = redriven("copy-3");
+        with_id.body = r#"{"eventType":"order.created","eventId":"e-1","data":1}"#.into();
+        assert_eq!(event_id(&with_id), Some(EventId::parse("e-1").unwrap()));
+        // An original id without its send time is refused, naming the missing attribute.
+        for bad_time in [None, Some("yesterday")] {
+            let mut m = redriven("copy-4");
+            match bad_time {
+                None => m.attributes.remove(ORIGINAL_SENT_AT_ATTRIBUTE),
+                Some(t) => m
+                    .attributes
+                    .insert(ORIGINAL_SENT_AT_ATTRIBUTE.into(), t.into()),
+            };
+            let e = Message::parse(&m).unwrap_err();
+            assert_eq!(e.field(), Some(ORIGINAL_SENT_AT_ATTRIBUTE), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_and_its_redriven_copies_publish_once() {
+        let app = app_with_subscription().await;
+        let receiver = OkReceiver::default();
+        let first = event_message("first-id", ORDER, &[("tenant", "acme")]);
+        let sent_at = first.sent_at_ms.to_string();
+        let copy = |id: &str| {
+            event_message(
+                id,
+                ORDER,
+                &[
+                    ("tenant", "acme"),
+                    (ORIGINAL_MESSAGE_ID_ATTRIBUTE, "first-id"),
+                    (ORIGINAL_SENT_AT_ATTRIBUTE, &sent_at),
+                ],
+            )
+        };
+        let messages = vec![first, copy("copy-1"), copy("copy-2")];
+        assert!(
+            process_messages(&app, &receiver, messages, 1)
+                .await
+                .is_empty()
+        );
+        assert_eq!(app.store.mem().events.len(), 1);
+        assert_eq!(app.store.mem().deliveries.len(), 1);
     }
 }

@@ -334,7 +334,13 @@ impl AwsLocal {
         }
         let own = std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
-        let env = function_env(own, &config.env, &resources, &region);
+        let mut env = function_env(own, &config.env, &resources, &region);
+        // As the template does: the functions learn the deliver function's timeout (its lease
+        // outlives it; see AwsSettings).
+        env.push((
+            "TIDINGS_DELIVER_TIMEOUT".to_owned(),
+            humantime::format_duration(config.function_timeout).to_string(),
+        ));
         let spec = |name: &str, binary: PathBuf, instances: u32| FunctionSpec {
             name: name.to_owned(),
             binary,
