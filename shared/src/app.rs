@@ -9,6 +9,7 @@ use rand::{Rng as _, RngCore as _};
 use serde_json::value::RawValue;
 use sha2::{Digest as _, Sha256};
 
+use crate::concurrency::join_bounded;
 use crate::domain::{
     ApiKeyRecord, Attempt, CallbackUrl, Delivery, DeliveryId, DeliveryStatus, Event, EventId,
     EventType, EventTypePattern, FollowUp, NotLeasable, NotResendable, RetryPlan, Secret,
@@ -28,6 +29,10 @@ pub const MAX_EVENT_DATA_BYTES: usize = 200 * 1024;
 pub const MAX_DESCRIPTION_LEN: usize = 1024;
 pub const MAX_EVENT_TYPES_PER_SUBSCRIPTION: usize = 100;
 pub const MAX_PAGE_LIMIT: u32 = 250;
+/// Most events one `POST /events/batch` carries.
+pub const MAX_BATCH_EVENTS: usize = 100;
+/// Events of one batch written to the store at once.
+const BATCH_WRITES_AT_ONCE: usize = 16;
 pub const DEFAULT_PAGE_LIMIT: u32 = 50;
 /// Why a delivery is held.
 const PAUSED: &str = "subscription is paused";
@@ -138,6 +143,13 @@ pub struct PublishRequest {
     pub data: Box<RawValue>,
     pub event_id: Option<EventId>,
     pub occurred_at: Option<Timestamp>,
+}
+
+/// One event of a batch publish, with its own idempotency key.
+#[derive(Debug, Clone)]
+pub struct BatchItem {
+    pub request: PublishRequest,
+    pub idempotency_key: Option<String>,
 }
 
 /// A stored event and the jobs of its new deliveries, not yet enqueued.
@@ -542,6 +554,59 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         request: PublishRequest,
         idempotency_key: Option<String>,
     ) -> AppResult<Accepted> {
+        let subscriptions = self.store.tenant_subscriptions(tenant).await?;
+        self.accept_with(tenant, &subscriptions, request, idempotency_key)
+            .await
+    }
+
+    /// Publishes up to [`MAX_BATCH_EVENTS`] events in one call: one read of the tenant's
+    /// subscriptions for all of them, the events stored concurrently, and every job sent in one
+    /// enqueue (the queue batches them). Each event succeeds or fails on its own: one result per
+    /// item, in order. `Err` only when nothing could be done (the subscriptions were unreadable).
+    pub async fn publish_batch(
+        &self,
+        tenant: &TenantId,
+        items: Vec<BatchItem>,
+    ) -> AppResult<Vec<AppResult<Published>>> {
+        if items.len() > MAX_BATCH_EVENTS {
+            return Err(AppError::invalid(
+                "events",
+                format!("at most {MAX_BATCH_EVENTS} events per request"),
+            ));
+        }
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let subscriptions = self.store.tenant_subscriptions(tenant).await?;
+        let accepted = join_bounded(
+            items.into_iter().map(|item| {
+                self.accept_with(tenant, &subscriptions, item.request, item.idempotency_key)
+            }),
+            BATCH_WRITES_AT_ONCE,
+        )
+        .await;
+        let mut jobs = Vec::new();
+        let results = accepted
+            .into_iter()
+            .map(|a| {
+                a.map(|a| {
+                    jobs.extend(a.jobs);
+                    a.published
+                })
+            })
+            .collect();
+        self.send_jobs(jobs).await;
+        Ok(results)
+    }
+
+    /// [`accept_event`](Self::accept_event) against subscriptions read already.
+    async fn accept_with(
+        &self,
+        tenant: &TenantId,
+        subscriptions: &[Subscription],
+        request: PublishRequest,
+        idempotency_key: Option<String>,
+    ) -> AppResult<Accepted> {
         if request.data.get().len() > MAX_EVENT_DATA_BYTES {
             return Err(AppError::invalid(
                 "data",
@@ -568,17 +633,14 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             fingerprint,
         };
         let first_delay = self.config.first_delay();
-        let deliveries: Vec<Delivery> = self
-            .store
-            .tenant_subscriptions(tenant)
-            .await?
-            .into_iter()
+        let deliveries: Vec<Delivery> = subscriptions
+            .iter()
             .filter(|s| s.wants(&event.event_type))
             .map(|s| {
                 let new = Delivery::new(
                     tenant.clone(),
                     event.id.clone(),
-                    s.id,
+                    s.id.clone(),
                     now,
                     first_delay,
                     self.config.sweep_grace,

@@ -7,6 +7,7 @@ pub mod api;
 pub mod app;
 #[cfg(feature = "aws")]
 pub mod aws;
+mod concurrency;
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 pub mod domain;

@@ -579,7 +579,17 @@ impl AwsLocal {
 /// What `n` deliveries cost, per delivery: the functions' DynamoDB calls and units, and the SQS
 /// requests of the functions and the event source mapping (its empty long polls are a cost of
 /// time, not of deliveries, and are reported apart).
-fn cost_figures(usage: &Usage, n: usize) -> Value {
+/// Lambda's price model for the figures (arm64): per request, and per GB-second; the durations and
+/// memory sizes are estimates (docs/cost.md), not measured here.
+const DOLLARS_PER_MILLION_LAMBDA_REQUESTS: f64 = 0.20;
+const DOLLARS_PER_GB_SECOND: f64 = 0.000_013_333_4;
+/// api: ~10 ms at 256 MB per invocation; deliver: ~50 ms at 512 MB per invocation.
+const API_GB_SECONDS: f64 = 0.010 * 0.25;
+const DELIVER_GB_SECONDS: f64 = 0.050 * 0.5;
+const DOLLARS_PER_MILLION_API_GATEWAY_REQUESTS: f64 = 1.00;
+
+/// The figures of one stretch of `n` deliveries, `api_requests` of them through API Gateway.
+fn cost_figures(usage: &Usage, n: usize, api_requests: usize) -> Value {
     let functions = [API, DELIVER, SWEEP];
     let per = |x: f64| (x / n as f64 * 100.0).round() / 100.0;
     let dynamo = service_total(usage, "dynamodb", &functions);
@@ -599,6 +609,15 @@ fn cost_figures(usage: &Usage, n: usize) -> Value {
     }
     let wru = dynamo.write_units + dynamo.index_write_units;
     let sqs_requests = (sqs.calls + mapping_requests) as f64;
+    let dynamo_dollars =
+        wru * DOLLARS_PER_MILLION_WRU + dynamo.read_units * DOLLARS_PER_MILLION_RRU;
+    let sqs_dollars = sqs_requests * DOLLARS_PER_MILLION_SQS_REQUESTS;
+    let per_million_gb_s = DOLLARS_PER_GB_SECOND * 1e6;
+    let lambda_dollars = api_requests as f64
+        * (DOLLARS_PER_MILLION_LAMBDA_REQUESTS + API_GB_SECONDS * per_million_gb_s)
+        + batches as f64
+            * (DOLLARS_PER_MILLION_LAMBDA_REQUESTS + DELIVER_GB_SECONDS * per_million_gb_s);
+    let api_gateway_dollars = api_requests as f64 * DOLLARS_PER_MILLION_API_GATEWAY_REQUESTS;
     json!({
         "deliveries": n,
         "dynamodb": {
@@ -618,8 +637,11 @@ fn cost_figures(usage: &Usage, n: usize) -> Value {
         "deliverInvocations": per(batches as f64),
         "callsByOperation": by_operation,
         "dollarsPerMillion": {
-            "dynamodb": per(wru * DOLLARS_PER_MILLION_WRU + dynamo.read_units * DOLLARS_PER_MILLION_RRU),
-            "sqs": per(sqs_requests * DOLLARS_PER_MILLION_SQS_REQUESTS),
+            "dynamodb": per(dynamo_dollars),
+            "sqs": per(sqs_dollars),
+            "lambda": per(lambda_dollars),
+            "apiGateway": per(api_gateway_dollars),
+            "total": per(dynamo_dollars + sqs_dollars + lambda_dollars + api_gateway_dollars),
         },
     })
 }
@@ -716,10 +738,37 @@ async fn the_cost_of_a_delivery_is_measured_on_the_wire() {
         }
     }
 
+    // One `POST /events/batch` of N events: API Gateway and the api function once, not N times.
+    let batched = aws
+        .measure(0, async || {
+            let events: Vec<_> = (0..N)
+                .map(|i| json!({"eventType": "cost.ok", "data": {"n": i}}))
+                .collect();
+            let r = aws
+                .api
+                .post("/events/batch", &json!({ "events": events }))
+                .await;
+            assert_eq!(r.status, 202, "{:?}", r.body);
+            assert!(
+                r.body["results"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|r| r["status"] == 202)
+            );
+        })
+        .await;
+    assert_eq!(
+        ok.received_on("/ok").len(),
+        3 * N,
+        "the batch's events arrived too"
+    );
+
     let report = json!({
-        "firstAttempt": cost_figures(&first, N),
-        "retriedOnce": cost_figures(&retried, N),
-        "viaEventsQueue": cost_figures(&queued, N),
+        "firstAttempt": cost_figures(&first, N, N),
+        "retriedOnce": cost_figures(&retried, N, N),
+        "viaEventsQueue": cost_figures(&queued, N, 0),
+        "batchPublish": cost_figures(&batched, N, 1),
     });
     println!("{report}");
     if let Some(path) = std::env::var_os("TIDINGS_COST_REPORT") {
@@ -734,6 +783,7 @@ async fn the_cost_of_a_delivery_is_measured_on_the_wire() {
         ("first attempt", &first, 8.5, 7.5, 3.5),
         ("retried once", &retried, 13.5, 11.5, 6.0),
         ("via the events queue", &queued, 8.5, 7.5, 3.5),
+        ("batch publish", &batched, 8.0, 7.5, 3.0),
     ] {
         let d = service_total(usage, "dynamodb", &[API, DELIVER, SWEEP]);
         let per = |x: f64| x / N as f64;

@@ -484,3 +484,67 @@ async fn idempotent_publish_creates_one_event() {
         2
     );
 }
+
+#[tokio::test]
+async fn a_batch_publish_accepts_each_good_event_and_answers_each_bad_one_on_its_own() {
+    let server = TestServer::start(|_| {}).await;
+    let receiver = TestReceiver::start().await;
+    let sub = server
+        .api
+        .subscribe(&receiver.url("/batch"), &["a.*"])
+        .await;
+    let id = sub["subscriptionId"].as_str().unwrap();
+    let first = server
+        .api
+        .send(
+            reqwest::Method::POST,
+            "/events",
+            Some(br#"{"eventType":"a.b","data":0}"#),
+            &[("idempotency-key", "seen-before")],
+        )
+        .await;
+    assert_eq!(first.status, 202);
+
+    let body = json!({"events": [
+        {"eventType": "a.b", "data": {"n": 1}},
+        {"eventType": "a b", "data": 2},
+        {"eventType": "a.c", "data": {"n": 3}, "eventId": "batch-3"},
+        {"eventType": "a.b", "data": 0, "idempotencyKey": "seen-before"},
+        {"eventType": "a.b", "data": 9, "idempotencyKey": "seen-before"},
+        {"eventType": "a.d", "data": {"n": 5}, "colour": "red"},
+    ]});
+    let r = server.api.post("/events/batch", &body).await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let results = r.body["results"].as_array().unwrap();
+    let statuses: Vec<_> = results
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, [202, 422, 202, 202, 422, 422]);
+    assert!(results[0]["eventId"].as_str().unwrap().starts_with("evt_"));
+    assert_eq!(results[1]["problem"]["field"], "events[1].eventType");
+    assert_eq!(results[2]["eventId"], "batch-3");
+    assert_eq!(results[3]["eventId"], first.body["eventId"]);
+    assert_eq!(results[3]["idempotentReplayed"], true);
+    assert_eq!(
+        results[4]["problem"]["type"],
+        "urn:tidings:problem:idempotency-key-reused"
+    );
+    assert_eq!(results[5]["problem"]["field"], "events[5].colour");
+
+    // The first publish and the two new events of the batch: three deliveries, no more.
+    let got = receiver.wait_for("/batch", 3, WAIT).await;
+    let mut types: Vec<_> = got.iter().map(|r| r.json()["eventType"].clone()).collect();
+    types.sort_by_key(|t| t.to_string());
+    assert_eq!(types, [json!("a.b"), json!("a.b"), json!("a.c")]);
+    server.api.wait_all_succeeded(id, 3, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.received_on("/batch").len(), 3);
+
+    // The request as a whole is refused only for its shape or size.
+    let too_many = json!({"events": vec![json!({"eventType": "a.b", "data": 1}); 101]});
+    let r = server.api.post("/events/batch", &too_many).await;
+    assert_eq!((r.status, &r.body["field"]), (422, &json!("events")));
+    let r = server.api.post("/events/batch", &json!([1, 2])).await;
+    assert_eq!(r.status, 400);
+}

@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 
 use super::problem::Problem;
-use crate::app::{NewSubscription, PublishRequest, SubscriptionPatch};
+use crate::app::{BatchItem, MAX_BATCH_EVENTS, NewSubscription, PublishRequest, SubscriptionPatch};
 use crate::domain::{
     CallbackUrl, EventId, EventType, EventTypePattern, Secret, SubscriptionStatus, Timestamp,
 };
@@ -161,7 +161,56 @@ pub fn parse_subscription_patch(bytes: &[u8]) -> Result<SubscriptionPatch, Probl
 
 /// `{eventType, data, eventId?, occurredAt?}`: the `POST /events` body and the SQS message body.
 pub fn parse_publish(bytes: &[u8]) -> Result<PublishRequest, Problem> {
-    let f = Fields::parse(bytes, &["eventType", "data", "eventId", "occurredAt"])?;
+    publish_request(&Fields::parse(bytes, PUBLISH_FIELDS)?)
+}
+
+const PUBLISH_FIELDS: &[&str] = &["eventType", "data", "eventId", "occurredAt"];
+const BATCH_ITEM_FIELDS: &[&str] = &[
+    "eventType",
+    "data",
+    "eventId",
+    "occurredAt",
+    "idempotencyKey",
+];
+
+/// `{"events": [{eventType, data, eventId?, occurredAt?, idempotencyKey?}, …]}`, the body of
+/// `POST /events/batch`. The request as a whole is refused only when it is not that shape or has
+/// too many events; each item is parsed on its own, and a bad one is answered in its own result
+/// (its problem names the field as `events[3].data`).
+pub fn parse_publish_batch(bytes: &[u8]) -> Result<Vec<Result<BatchItem, Problem>>, Problem> {
+    let f = Fields::parse(bytes, &["events"])?;
+    let events: Vec<Box<RawValue>> = f.required("events")?;
+    if events.is_empty() {
+        return Err(Problem::invalid("events", "must hold at least one event"));
+    }
+    if events.len() > MAX_BATCH_EVENTS {
+        return Err(Problem::invalid(
+            "events",
+            format!(
+                "at most {MAX_BATCH_EVENTS} events per request, not {}",
+                events.len()
+            ),
+        ));
+    }
+    Ok(events
+        .iter()
+        .enumerate()
+        .map(|(i, raw)| {
+            batch_item(raw.get().as_bytes()).map_err(|p| p.within(&format!("events[{i}]")))
+        })
+        .collect())
+}
+
+fn batch_item(bytes: &[u8]) -> Result<BatchItem, Problem> {
+    let f = Fields::parse(bytes, BATCH_ITEM_FIELDS)?;
+    let idempotency_key: Option<String> = f.optional("idempotencyKey")?;
+    Ok(BatchItem {
+        request: publish_request(&f)?,
+        idempotency_key,
+    })
+}
+
+fn publish_request(f: &Fields<'_>) -> Result<PublishRequest, Problem> {
     let data = f
         .fields
         .get("data")
@@ -229,6 +278,46 @@ mod tests {
                 br#"{"eventType":5,"callbackUrl":"https://x.example/"}"#
             )),
             (422, Some("eventType".into()))
+        );
+    }
+
+    #[test]
+    fn a_batch_is_refused_whole_only_for_its_shape_and_each_item_names_its_field() {
+        assert_eq!(field_of(parse_publish_batch(b"[1]")), (400, None));
+        assert_eq!(
+            field_of(parse_publish_batch(br#"{"events":[]}"#)),
+            (422, Some("events".into()))
+        );
+        let many = format!(
+            r#"{{"events":[{}]}}"#,
+            vec![r#"{"eventType":"a.b","data":1}"#; MAX_BATCH_EVENTS + 1].join(",")
+        );
+        assert_eq!(
+            field_of(parse_publish_batch(many.as_bytes())),
+            (422, Some("events".into()))
+        );
+        let items = parse_publish_batch(
+            br#"{"events":[{"eventType":"a.b","data":1,"idempotencyKey":"k"},{"eventType":"a b","data":1},7,{"eventType":"a.b"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(items.len(), 4);
+        let first = items[0].as_ref().unwrap();
+        assert_eq!(first.idempotency_key.as_deref(), Some("k"));
+        assert_eq!(first.request.data.get(), "1");
+        let fields: Vec<_> = items[1..]
+            .iter()
+            .map(|i| match i {
+                Err(p) => (p.status, p.field.clone()),
+                Ok(_) => (200, None),
+            })
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                (422, Some("events[1].eventType".to_owned())),
+                (422, Some("events[2]".to_owned())),
+                (422, Some("events[3].data".to_owned())),
+            ]
         );
     }
 

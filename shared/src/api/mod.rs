@@ -31,6 +31,8 @@ use crate::ports::{Clock, DeliveryQueue, Page, PageRequest, Store};
 
 /// Request bodies beyond this are refused with 413 before they are parsed.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
+/// Largest `POST /events/batch` body: a hundred events of up to 10 KiB each, about.
+pub const MAX_BATCH_BODY_BYTES: usize = 1024 * 1024;
 
 pub struct ApiState<S, Q, C> {
     pub app: Arc<App<S, Q, C>>,
@@ -69,6 +71,10 @@ pub fn router<S: Store, Q: DeliveryQueue, C: Clock>(app: Arc<App<S, Q, C>>) -> R
             get(list_deliveries::<S, Q, C>),
         )
         .route("/events", post(publish_event::<S, Q, C>))
+        .route(
+            "/events/batch",
+            post(publish_batch::<S, Q, C>).layer(DefaultBodyLimit::max(MAX_BATCH_BODY_BYTES)),
+        )
         .route("/events/{event_id}", get(get_event::<S, Q, C>))
         .route("/deliveries/{delivery_id}", get(get_delivery::<S, Q, C>))
         .route(
@@ -107,9 +113,13 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> FromRequestParts<ApiState<S, Q, C>> f
 }
 
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Problem> {
+    body_within(body, MAX_BODY_BYTES)
+}
+
+fn body_within(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, Problem> {
     body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Problem::too_large(MAX_BODY_BYTES)
+            Problem::too_large(limit)
         } else {
             Problem::malformed(e.body_text())
         }
@@ -415,6 +425,75 @@ async fn publish_event<S: Store, Q: DeliveryQueue, C: Clock>(
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(response)
+}
+
+/// One result per item of a batch publish, in order.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BatchResultDto {
+    /// As `POST /events` would have answered this event alone.
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_id: Option<EventId>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    idempotent_replayed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problem: Option<Problem>,
+}
+
+impl BatchResultDto {
+    fn failed(problem: Problem) -> Self {
+        Self {
+            status: problem.status,
+            event_id: None,
+            idempotent_replayed: false,
+            problem: Some(problem),
+        }
+    }
+}
+
+async fn publish_batch<S: Store, Q: DeliveryQueue, C: Clock>(
+    State(state): State<ApiState<S, Q, C>>,
+    Tenant(tenant): Tenant,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    let parsed = body::parse_publish_batch(&body_within(body, MAX_BATCH_BODY_BYTES)?)?;
+    let mut results: Vec<Option<BatchResultDto>> = Vec::with_capacity(parsed.len());
+    let mut valid = Vec::new();
+    for item in parsed {
+        match item {
+            Ok(item) => {
+                valid.push(item);
+                results.push(None);
+            }
+            Err(problem) => results.push(Some(BatchResultDto::failed(problem))),
+        }
+    }
+    let mut published = state.app.publish_batch(&tenant, valid).await?.into_iter();
+    let results: Vec<BatchResultDto> = results
+        .into_iter()
+        .enumerate()
+        .map(|(i, result)| match result {
+            Some(failed) => failed,
+            None => match published.next() {
+                Some(Ok(p)) => BatchResultDto {
+                    status: 202,
+                    event_id: Some(p.event_id),
+                    idempotent_replayed: !p.created,
+                    problem: None,
+                },
+                Some(Err(e)) => {
+                    BatchResultDto::failed(Problem::from(e).within(&format!("events[{i}]")))
+                }
+                None => BatchResultDto::failed(Problem::unavailable()),
+            },
+        })
+        .collect();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "results": results })),
+    )
+        .into_response())
 }
 
 async fn get_event<S: Store, Q: DeliveryQueue, C: Clock>(

@@ -42,6 +42,28 @@ impl Problem {
         }
     }
 
+    /// This problem as part of `prefix` (an item of a batch): its field becomes `prefix.field`
+    /// (or `prefix`); a malformed item is an invalid field of the request. Type and status stay.
+    pub fn within(mut self, prefix: &str) -> Self {
+        if self.status == 400 {
+            return Self::invalid(prefix, self.detail);
+        }
+        match self.field.take() {
+            Some(old) => {
+                let field = format!("{prefix}.{old}");
+                let message = self
+                    .detail
+                    .strip_prefix(&format!("`{old}`: "))
+                    .unwrap_or(&self.detail)
+                    .to_owned();
+                self.detail = format!("`{field}`: {message}");
+                self.field = Some(field);
+            }
+            None => self.field = Some(prefix.to_owned()),
+        }
+        self
+    }
+
     pub fn unauthorized() -> Self {
         Self {
             kind: "urn:tidings:problem:unauthorized",

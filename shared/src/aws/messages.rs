@@ -26,10 +26,10 @@ use std::time::Duration;
 
 use tracing::Instrument as _;
 
-use super::concurrency::join_bounded;
 use crate::api::Problem;
 use crate::api::body::parse_publish;
 use crate::app::{App, AppError, DeliverOutcome, PublishRequest, Published};
+use crate::concurrency::join_bounded;
 use crate::domain::{EventId, IdError, TenantId};
 use crate::ports::{Clock, DeliveryJob, DeliveryQueue, Store, StoreError};
 use crate::sender::HttpSender;

@@ -1,7 +1,6 @@
 //! The AWS backends: DynamoDB store and SQS queue, and the wiring the Lambda functions share:
 //! settings from the environment, the queue-message use case, and building the app.
 
-mod concurrency;
 pub mod dynamo;
 pub mod messages;
 pub mod settings;

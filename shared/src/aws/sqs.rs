@@ -11,8 +11,8 @@ use aws_sdk_sqs::error::{DisplayErrorContext, SdkError};
 use aws_sdk_sqs::operation::send_message_batch::SendMessageBatchError;
 use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
 
-use super::concurrency::join_bounded;
 use super::messages::{DELIVERY_JOB_KIND, KIND_ATTRIBUTE};
+use crate::concurrency::join_bounded;
 use crate::ports::{DeliveryJob, DeliveryQueue, QueueError};
 
 /// SQS holds a message back for at most 15 minutes (`DelaySeconds` ≤ 900).
