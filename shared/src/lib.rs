@@ -12,6 +12,7 @@ mod concurrency;
 pub mod conformance;
 pub mod domain;
 pub mod egress;
+pub mod input;
 pub mod local;
 pub mod ports;
 pub mod retry;

@@ -1,8 +1,7 @@
 //! The HTTP API: one axum `Router`, served by `tidings serve` locally and by the `api` Lambda
 //! through `lambda_http`, unchanged.
 
-pub mod body;
-pub mod problem;
+pub use crate::input::{Problem, body, problem};
 
 use std::sync::Arc;
 
@@ -19,8 +18,6 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-
-pub use problem::Problem;
 
 use crate::app::App;
 use crate::domain::{

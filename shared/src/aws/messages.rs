@@ -26,11 +26,11 @@ use std::time::Duration;
 
 use tracing::Instrument as _;
 
-use crate::api::Problem;
-use crate::api::body::parse_publish;
 use crate::app::{App, AppError, DeliverOutcome, PublishRequest, Published};
 use crate::concurrency::join_bounded;
 use crate::domain::{EventId, IdError, TenantId};
+use crate::input::Problem;
+use crate::input::body::parse_publish;
 use crate::ports::{Clock, DeliveryJob, DeliveryQueue, Store, StoreError};
 use crate::sender::HttpSender;
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 
-use super::problem::Problem;
+use super::Problem;
 use crate::app::{BatchItem, MAX_BATCH_EVENTS, NewSubscription, PublishRequest, SubscriptionPatch};
 use crate::domain::{
     CallbackUrl, EventId, EventType, EventTypePattern, Secret, SubscriptionStatus, Timestamp,
