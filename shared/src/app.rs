@@ -36,6 +36,8 @@ const BATCH_WRITES_AT_ONCE: usize = 16;
 pub const DEFAULT_PAGE_LIMIT: u32 = 50;
 /// Why a delivery is held.
 const PAUSED: &str = "subscription is paused";
+/// When a worker looks again at a delivery it held (see `App::hold`): well past any index lag.
+const HOLD_RECHECK: Duration = Duration::from_secs(60);
 
 /// How often a use case re-reads and re-applies a change that lost a version-checked write to
 /// a concurrent one before answering 409.
@@ -636,20 +638,18 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         let deliveries: Vec<Delivery> = subscriptions
             .iter()
             .filter(|s| s.wants(&event.event_type))
+            // A paused subscription's delivery is created like any other and held by the worker
+            // that takes it, which reads the subscription strongly (fan-out's read may be a
+            // moment old on DynamoDB) and releases it again should it have been resumed.
             .map(|s| {
-                let new = Delivery::new(
+                Delivery::new(
                     tenant.clone(),
                     event.id.clone(),
                     s.id.clone(),
                     now,
                     first_delay,
                     self.config.sweep_grace,
-                );
-                match s.status {
-                    // Held from the start: no job, not due, sent when the subscription resumes.
-                    SubscriptionStatus::Paused => new.held(now, PAUSED).unwrap_or(new),
-                    _ => new,
-                }
+                )
             })
             .collect();
         let new = NewEvent {
@@ -686,7 +686,6 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
                 let jobs = new
                     .deliveries
                     .iter()
-                    .filter(|d| d.status() != DeliveryStatus::Held)
                     .map(|d| (job_for(d), first_delay))
                     .collect::<Vec<_>>();
                 Ok(Accepted {
@@ -791,7 +790,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             Ok(d) => d,
             Err(NotLeasable::NotDue(at)) => return Ok(DeliverOutcome::NotDue(at)),
             Err(NotLeasable::Final(_)) => return Ok(DeliverOutcome::Skipped("already final")),
-            Err(NotLeasable::Held) => return Ok(DeliverOutcome::Skipped("held")),
+            Err(NotLeasable::Held) => return self.recheck_hold(&current).await,
             Err(NotLeasable::Leased(_)) => return Ok(DeliverOutcome::Skipped("leased elsewhere")),
         };
         match self.store.update_delivery(&leased, current.version()).await {
@@ -918,23 +917,61 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         }
     }
 
-    /// Holds a leased delivery while its subscription is paused. Should the subscription have
-    /// been resumed meanwhile (its resume looked for held deliveries before this one was), the
-    /// delivery is released again at once, so none stays held under an active subscription.
+    /// Holds a leased delivery while its subscription is paused, with a recheck after
+    /// [`HOLD_RECHECK`]: a resume that ran meanwhile may not have seen this delivery (on DynamoDB
+    /// it reads a list that lags by a moment). Should the subscription be active by now, the
+    /// delivery is released again at once.
     async fn hold(&self, leased: &Delivery) -> Result<DeliverOutcome, StoreError> {
-        let Some(held) = leased.held(self.clock.now(), PAUSED) else {
+        let now = self.clock.now();
+        let Some(held) = leased.held(now, PAUSED, Some(now.saturating_add(HOLD_RECHECK))) else {
             return Ok(DeliverOutcome::Skipped("already final"));
         };
         match self.store.update_delivery(&held, leased.version()).await {
             Err(StoreError::Conflict) => return Ok(DeliverOutcome::Skipped("lease lost")),
             other => other?,
         }
-        let resumed = self
+        self.settle_hold(&held).await
+    }
+
+    /// A held delivery whose recheck is due (the sweep sent its job): released if its
+    /// subscription is active, ended if it is gone or disabled, else held for good (out of the
+    /// due index), where the subscription's resume finds it.
+    async fn recheck_hold(&self, held: &Delivery) -> Result<DeliverOutcome, StoreError> {
+        if !held.is_recheck_due() {
+            return Ok(DeliverOutcome::Skipped(
+                "held while the subscription is paused",
+            ));
+        }
+        let subscription = self
+            .store
+            .get_subscription(held.tenant_id(), held.subscription_id())
+            .await?;
+        match subscription.map(|s| s.status) {
+            None => self.end(held, "subscription was deleted").await,
+            Some(SubscriptionStatus::Disabled) => self.end(held, "subscription is disabled").await,
+            Some(SubscriptionStatus::Active) => self.settle_hold(held).await,
+            Some(SubscriptionStatus::Paused) => {
+                let Some(for_good) = held.held(self.clock.now(), PAUSED, None) else {
+                    return Ok(DeliverOutcome::Skipped("held"));
+                };
+                match self.store.update_delivery(&for_good, held.version()).await {
+                    Err(StoreError::Conflict) | Ok(()) => Ok(DeliverOutcome::Skipped(
+                        "held while the subscription is paused",
+                    )),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Releases `held` at once should its subscription be active (again).
+    async fn settle_hold(&self, held: &Delivery) -> Result<DeliverOutcome, StoreError> {
+        let active = self
             .store
             .get_subscription(held.tenant_id(), held.subscription_id())
             .await?
             .is_some_and(|s| s.status == SubscriptionStatus::Active);
-        if resumed
+        if active
             && let Some(released) = held.released(self.clock.now(), self.config.sweep_grace)
             && self
                 .store
@@ -1290,6 +1327,72 @@ mod tests {
         assert_eq!(resent, jobs);
         let outcome = app.deliver(&Answers(204), &resent[0]).await.unwrap();
         assert_eq!(outcome, DeliverOutcome::Delivered);
+    }
+
+    #[tokio::test]
+    async fn a_held_delivery_a_resume_missed_is_released_at_its_recheck() {
+        let (app, a, sub) = app_with_subscription(AppConfig::default()).await;
+        app.publish_event(&a, order("{}"), None).await.unwrap();
+        let jobs = take_jobs(&app);
+        app.update_subscription(&a, &sub.id, status(SubscriptionStatus::Paused))
+            .await
+            .unwrap();
+        app.deliver(&Refuses, &jobs[0]).await.unwrap();
+        // Resumed by a write the release did not follow (as when the resume's list lagged).
+        let mut active = app.get_subscription(&a, &sub.id).await.unwrap();
+        active.status = SubscriptionStatus::Active;
+        active.version += 1;
+        app.store
+            .update_subscription(&active, active.version - 1)
+            .await
+            .unwrap();
+        assert_eq!(
+            app.sweep_due().await.unwrap().found,
+            0,
+            "not before its recheck"
+        );
+
+        app.clock.advance(HOLD_RECHECK);
+        assert_eq!(app.sweep_due().await.unwrap().enqueued, 1);
+        let job = take_jobs(&app).remove(0);
+        let outcome = app.deliver(&Refuses, &job).await.unwrap();
+        assert!(matches!(outcome, DeliverOutcome::Skipped(_)), "{outcome:?}");
+        let released = take_jobs(&app);
+        assert_eq!(released, vec![job.clone()]);
+        assert_eq!(
+            app.deliver(&Answers(200), &job).await.unwrap(),
+            DeliverOutcome::Delivered
+        );
+    }
+
+    #[tokio::test]
+    async fn a_held_delivery_still_paused_at_its_recheck_is_held_for_good() {
+        let (app, a, sub) = app_with_subscription(AppConfig::default()).await;
+        app.update_subscription(&a, &sub.id, status(SubscriptionStatus::Paused))
+            .await
+            .unwrap();
+        app.publish_event(&a, order("{}"), None).await.unwrap();
+        let job = take_jobs(&app).remove(0);
+        app.deliver(&Refuses, &job).await.unwrap();
+        app.clock.advance(HOLD_RECHECK);
+        assert_eq!(app.sweep_due().await.unwrap().enqueued, 1);
+        app.deliver(&Refuses, &take_jobs(&app)[0]).await.unwrap();
+        let held = app.get_delivery(&a, &job.delivery_id).await.unwrap();
+        assert_eq!((held.status(), held.due_at()), (DeliveryStatus::Held, None));
+        app.clock.advance(Duration::from_secs(3_600));
+        assert_eq!(
+            app.sweep_due().await.unwrap().found,
+            0,
+            "out of the due index"
+        );
+        app.update_subscription(&a, &sub.id, status(SubscriptionStatus::Active))
+            .await
+            .unwrap();
+        assert_eq!(take_jobs(&app), vec![job.clone()], "the resume finds it");
+        assert_eq!(
+            app.deliver(&Answers(200), &job).await.unwrap(),
+            DeliverOutcome::Delivered
+        );
     }
 
     #[tokio::test]

@@ -1151,7 +1151,7 @@ pub async fn due_index_follows_delivery_updates<S: Store>(store: &S) {
     );
     save(store, postponed, next).await;
     // Holding leaves it.
-    let held = save(store, holding, holding.held(ts(5), "paused").unwrap()).await;
+    let held = save(store, holding, holding.held(ts(5), "paused", None).unwrap()).await;
     assert_eq!(
         due_ids(grace_over).await,
         vec![],

@@ -251,6 +251,94 @@ async fn an_event_sent_by_a_plain_sqs_producer_is_delivered() {
     assert_eq!(event.status, 200);
 }
 
+impl AwsLocal {
+    /// Sets the faults the stand-in's meter injects between the functions and the emulator.
+    async fn set_faults(&self, faults: Value) {
+        let body = faults.to_string();
+        let r = self
+            .api
+            .send(
+                reqwest::Method::PUT,
+                "/_aws_local/faults",
+                Some(body.as_bytes()),
+                &[("content-type", "application/json")],
+            )
+            .await;
+        assert_eq!(r.status, 204, "{:?}", r.body);
+    }
+
+    async fn faults(&self) -> Value {
+        self.api.get("/_aws_local/faults").await.body
+    }
+}
+
+/// DynamoDB commits a write and the answer is lost (a reset, a timeout): the SDK sends it again,
+/// and the second try meets the first one's item. Each write knows its own work: the
+/// subscription is created (201, not 409) and the event accepted once with its delivery (202, not
+/// a replay with its deliveries taken back).
+#[tokio::test]
+async fn a_write_whose_answer_was_lost_after_it_committed_is_not_taken_for_a_repeat() {
+    let aws = AwsLocal::start().await;
+    let receiver = TestReceiver::start().await;
+    aws.set_faults(json!({"lostAnswers": [
+        {"caller": API, "operation": "PutItem", "contains": "lost-answer-sub", "times": 1},
+        {"caller": API, "operation": "PutItem", "contains": "EVT#lost-1", "times": 1},
+    ]}))
+    .await;
+    let body = json!({"eventType": "lost.*", "callbackUrl": receiver.url("/lost-answer-sub")});
+    let created = aws.api.post("/webhook-subscriptions", &body).await;
+    assert_eq!(created.status, 201, "{:?}", created.body);
+
+    let published = aws
+        .api
+        .post(
+            "/events",
+            &json!({"eventType": "lost.found", "eventId": "lost-1", "data": {"n": 1}}),
+        )
+        .await;
+    assert_eq!(published.status, 202, "{:?}", published.body);
+    assert!(
+        !published.headers.contains_key("idempotent-replayed"),
+        "the first publish is not a replay of itself"
+    );
+    let got = receiver.wait_for("/lost-answer-sub", 1, WAIT).await;
+    assert_eq!(got[0].json()["eventId"], "lost-1");
+    assert_eq!(
+        aws.faults().await["answersLost"],
+        2,
+        "both faults were injected"
+    );
+    let list = deliveries_of(&aws.api, &created.body).await;
+    assert_eq!(list.len(), 1, "{list:#?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(receiver.received_on("/lost-answer-sub").len(), 1);
+}
+
+/// DynamoDB's global secondary indexes are eventually consistent, and fan-out reads the tenant's
+/// subscriptions from one: with new index rows held back for 1.5 s, an event published as soon
+/// as the subscription's 201 came still reaches it.
+#[tokio::test]
+async fn an_event_published_right_after_a_subscription_is_created_reaches_it_despite_index_lag() {
+    let aws = AwsLocal::start().await;
+    let receiver = TestReceiver::start().await;
+    aws.set_faults(json!({"indexLag": 1500})).await;
+    let sub = aws
+        .api
+        .subscribe(&receiver.url("/fresh"), &["fresh.*"])
+        .await;
+    aws.api.publish("fresh.made", json!({"n": 1})).await;
+    let got = receiver.wait_for("/fresh", 1, WAIT).await;
+    assert_eq!(got[0].json()["eventType"], "fresh.made");
+    let faults = aws.faults().await;
+    assert!(
+        faults["indexRowsHeldBack"].as_u64().unwrap() > 0,
+        "the index lag was in force: {faults}"
+    );
+    // Lists read the index too: the new delivery shows once the lag has passed.
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    assert_eq!(deliveries_of(&aws.api, &sub).await.len(), 1);
+}
+
 /// A `deliver` that died between writing an event's deliveries and the event (DynamoDB writes
 /// deliveries first) left one delivery behind; SQS hands the message to another invocation.
 /// Every (event, subscription) is delivered once, under one `webhook-id`.

@@ -35,18 +35,20 @@
 //!
 //! Every `GetItem` and `BatchGetItem` is strongly consistent but the event's (an event never
 //! changes, so an eventually consistent read at half the price is right whenever it finds it; a
-//! miss is read again strongly); index queries cannot be, so a list (and fan-out's
-//! `tenant_subscriptions`) may miss a write made a moment before.
+//! miss is read again strongly); index queries cannot be, so a list may miss a write made a moment
+//! before. Fan-out reads the tenant's subscriptions from the `list` index too: so that an event
+//! published after a subscription change was answered always sees it, a subscription write
+//! returns only once the index shows it (DynamoDB's index lag is usually well under a second).
 //!
 //! | method | calls |
 //! | --- | --- |
 //! | `put_api_key` | 1 `PutItem` |
 //! | `tenant_for_api_key` | 1 `GetItem`; none for a key found within the cache time ([`DynamoStore::with_api_key_cache`]) |
-//! | `insert_subscription` | 1 `PutItem` (`attribute_not_exists`, `ALL_OLD` on failure) |
+//! | `insert_subscription` | 1 `PutItem` (`attribute_not_exists`, `ALL_OLD` on failure), then `Query`s on `list` until it shows the subscription (usually one) |
 //! | `get_subscription` | 1 `GetItem` |
 //! | `list_subscriptions` | 1 `Query` on `list` (`Limit` = limit + 1) |
-//! | `update_subscription` | 1 `PutItem` (version condition, `ALL_OLD` on failure) |
-//! | `delete_subscription` | 1 `DeleteItem` (`attribute_exists`) |
+//! | `update_subscription` | 1 `PutItem` (version condition, `ALL_OLD` on failure), then `Query`s on `list` until it shows the new version |
+//! | `delete_subscription` | 1 `DeleteItem` (`attribute_exists`), then `Query`s on `list` until the subscription is gone from it |
 //! | `tenant_subscriptions` | 1 `Query` on `list` |
 //! | `insert_event`, no idempotency key, 1 or more deliveries | n conditional `PutItem`s (deliveries, 25 at a time; the same write units as a `BatchWriteItem`) + 1 conditional `PutItem` (the event): no transaction, so half the write units. A repeat writes no delivery anew (the ids are derived) and reads the old event's fingerprint from the failed condition |
 //! | `insert_event`, up to 98 deliveries, with an idempotency key | 1 `TransactWriteItems` (event, key, deliveries); a known key adds 1 `GetItem` (the first event's fingerprint) |
@@ -1007,6 +1009,56 @@ impl DynamoStore {
     }
 }
 
+/// How long a subscription change waits for the `list` index to show it.
+const INDEX_WAIT: Duration = Duration::from_secs(10);
+
+impl DynamoStore {
+    /// Waits until fan-out's read (a `Query` on the eventually consistent `list` index) sees
+    /// subscription `id` at `version` (`None`: gone), so an event published after a change is
+    /// answered reaches a subscription just created or changed. Gives up after [`INDEX_WAIT`]
+    /// with a warning: the change itself is stored either way.
+    async fn until_listed(&self, tenant: &TenantId, id: &SubscriptionId, version: Option<u64>) {
+        let deadline = Instant::now() + INDEX_WAIT;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let listed = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(LIST_INDEX)
+                .key_condition_expression("#p = :p AND #s = :s")
+                .expression_attribute_names("#p", LIST_PK)
+                .expression_attribute_names("#s", LIST_SK)
+                .expression_attribute_values(":p", AttributeValue::S(subscriptions_list_pk(tenant)))
+                .expression_attribute_values(":s", AttributeValue::S(id.as_str().to_owned()))
+                .send()
+                .await;
+            let seen = match listed {
+                Ok(out) => Some(
+                    out.items
+                        .unwrap_or_default()
+                        .into_iter()
+                        .find_map(|item| body::<Subscription>(item, SUBSCRIPTION).ok())
+                        .map(|s| s.version),
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the subscription index");
+                    None
+                }
+            };
+            if seen == Some(version) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(subscription = %id, "the subscription index did not show a change within {INDEX_WAIT:?}");
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+}
+
 impl Store for DynamoStore {
     async fn put_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
         let item = to_item(&ApiKeyItem {
@@ -1041,11 +1093,18 @@ impl Store for DynamoStore {
             .put_checked(item, "attribute_not_exists(#pk)", &[("#pk", PK)], &[])
             .await?
         {
-            Ok(()) => Ok(()),
+            Ok(()) => {}
             // Our own earlier try, whose answer was lost and which the SDK retried.
-            Err(Some(old)) if holds(&old, SUBSCRIPTION, subscription) => Ok(()),
-            Err(_) => Err(StoreError::Conflict),
+            Err(Some(old)) if holds(&old, SUBSCRIPTION, subscription) => {}
+            Err(_) => return Err(StoreError::Conflict),
         }
+        self.until_listed(
+            &subscription.tenant_id,
+            &subscription.id,
+            Some(subscription.version),
+        )
+        .await;
+        Ok(())
     }
 
     async fn get_subscription(
@@ -1100,12 +1159,19 @@ impl Store for DynamoStore {
             )
             .await?;
         match written {
-            Ok(()) => Ok(()),
-            Err(None) => Err(StoreError::NotFound),
+            Ok(()) => {}
+            Err(None) => return Err(StoreError::NotFound),
             // Our own earlier try, whose answer was lost and which the SDK retried.
-            Err(Some(old)) if holds(&old, SUBSCRIPTION, subscription) => Ok(()),
-            Err(Some(_)) => Err(StoreError::Conflict),
+            Err(Some(old)) if holds(&old, SUBSCRIPTION, subscription) => {}
+            Err(Some(_)) => return Err(StoreError::Conflict),
         }
+        self.until_listed(
+            &subscription.tenant_id,
+            &subscription.id,
+            Some(subscription.version),
+        )
+        .await;
+        Ok(())
     }
 
     async fn delete_subscription(&self, tenant: &TenantId, id: &SubscriptionId) -> StoreResult<()> {
@@ -1120,7 +1186,10 @@ impl Store for DynamoStore {
             .send()
             .await;
         match deleted {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.until_listed(tenant, id, None).await;
+                Ok(())
+            }
             Err(e)
                 if e.as_service_error()
                     .is_some_and(|e| e.is_conditional_check_failed_exception()) =>

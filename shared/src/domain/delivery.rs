@@ -429,19 +429,36 @@ impl Delivery {
         next
     }
 
-    /// Holds a waiting delivery while its subscription is paused: out of the due index, no
-    /// attempt made. `None` if it is finished or held already.
-    pub fn held(&self, now: Timestamp, reason: &str) -> Option<Self> {
-        if self.status.is_final() || self.status == DeliveryStatus::Held {
+    /// Holds a waiting delivery while its subscription is paused: no attempt made, and out of the
+    /// due index unless `recheck_at` is given. The first hold gives one: the worker looks again
+    /// then, in case the subscription was resumed while its resume could not see this delivery
+    /// yet (on DynamoDB, the list it reads lags by a moment). A recheck that finds it still paused
+    /// holds it for good (`None`): the resume then finds it. `None` if it is finished, or held for
+    /// good already.
+    pub fn held(
+        &self,
+        now: Timestamp,
+        reason: &str,
+        recheck_at: Option<Timestamp>,
+    ) -> Option<Self> {
+        if self.status.is_final() || (self.status == DeliveryStatus::Held && self.due_at.is_none())
+        {
             return None;
         }
         let mut next = self.next(now);
         next.status = DeliveryStatus::Held;
         next.lease = None;
         next.next_attempt_at = None;
-        next.due_at = None;
+        next.due_at = recheck_at;
+        next.claims = 0;
         next.reason = Some(bounded_text(reason, MAX_ERROR_BYTES));
         Some(next)
+    }
+
+    /// Whether this is a held delivery whose recheck came: the sweep claimed it at its recheck
+    /// time (a stray job for it does not count).
+    pub fn is_recheck_due(&self) -> bool {
+        self.status == DeliveryStatus::Held && self.due_at.is_some() && self.claims > 0
     }
 
     /// A held delivery, waiting again now that its subscription is active: due now, and sent by
@@ -783,7 +800,7 @@ mod tests {
             waiting.leased(ts(1), "a".into(), LEASE),
             Err(NotLeasable::NotDue(_))
         ));
-        let held = d.held(ts(1), "subscription is paused").unwrap();
+        let held = d.held(ts(1), "subscription is paused", None).unwrap();
         assert_eq!(
             held.leased(ts(2), "a".into(), LEASE),
             Err(NotLeasable::Held)
@@ -800,12 +817,26 @@ mod tests {
         let schedule = RetrySchedule::default();
         let (retrying, _) = attempted(&delivery(ts(0)), ts(0), AttemptClass::Retryable, &schedule);
         let leased = retrying.leased(ts(6_000), "w".into(), LEASE).unwrap();
-        let held = leased.held(ts(6_000), "subscription is paused").unwrap();
+        let first = leased
+            .held(ts(6_000), "subscription is paused", Some(ts(66_000)))
+            .unwrap();
+        assert_eq!(first.due_at(), Some(ts(66_000)), "due for its recheck");
+        assert!(!first.is_recheck_due(), "a stray job is no recheck");
+        let claimed = first.claimed(ts(66_000), GRACE).unwrap();
+        assert!(claimed.is_recheck_due(), "the sweep's claim at its time is");
+        let held = claimed
+            .held(ts(66_000), "subscription is paused", None)
+            .unwrap();
         assert_eq!(held.status(), DeliveryStatus::Held);
         assert_eq!((held.due_at(), held.next_attempt_at()), (None, None));
         assert_eq!(held.current_lease(), None, "holding releases the lease");
         assert_eq!(held.reason(), Some("subscription is paused"));
-        assert_eq!(held.held(ts(7_000), "again"), None, "held once");
+        assert!(!held.is_recheck_due());
+        assert_eq!(
+            held.held(ts(67_000), "again", None),
+            None,
+            "held for good once"
+        );
         assert_eq!(held.attempt_count(), 1, "holding is no attempt");
 
         let back = held.released(ts(60_000), GRACE).unwrap();
@@ -826,7 +857,7 @@ mod tests {
     fn ending_fails_any_unfinished_delivery_with_its_reason() {
         let schedule = RetrySchedule::default();
         let d = delivery(ts(0));
-        let held = d.held(ts(1), "paused").unwrap();
+        let held = d.held(ts(1), "paused", None).unwrap();
         for unfinished in [&d, &held] {
             let ended = unfinished.ended(ts(2), "subscription was deleted").unwrap();
             assert_eq!(ended.status(), DeliveryStatus::Failed);
@@ -940,8 +971,13 @@ mod tests {
         let leased = d.leased(ts(0), "w".into(), LEASE).unwrap();
         assert_eq!(leased.claimed(ts(6_000), GRACE), None, "in flight");
         assert!(leased.claimed(ts(30_001), GRACE).is_some(), "lease ran out");
-        let held = d.held(ts(0), "paused").unwrap();
+        let held = d.held(ts(0), "paused", None).unwrap();
         assert_eq!(held.claimed(ts(6_000), GRACE), None);
+        let rechecked = d.held(ts(0), "paused", Some(ts(5_000))).unwrap();
+        assert!(
+            rechecked.claimed(ts(6_000), GRACE).is_some(),
+            "its recheck is due"
+        );
     }
 
     #[test]
@@ -1014,7 +1050,7 @@ mod tests {
             retrying.next_attempt_at(),
             "due when its retry is"
         );
-        assert_eq!(d.held(ts(0), "p").unwrap().recovered(ts(1)), None);
+        assert_eq!(d.held(ts(0), "p", None).unwrap().recovered(ts(1)), None);
     }
 
     #[test]

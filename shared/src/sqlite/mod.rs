@@ -907,7 +907,7 @@ mod tests {
             attempted(finished, t0, AttemptClass::Delivered, GRACE),
         )
         .await;
-        let held = save(&store, held, held.held(t0, "paused").unwrap()).await;
+        let held = save(&store, held, held.held(t0, "paused", None).unwrap()).await;
 
         let now = ts(20_000);
         // The leased one and the idle one (its queue message died with the process).

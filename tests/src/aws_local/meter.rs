@@ -21,6 +21,11 @@
 //!
 //! To know the item before a write, the meter reads it from the emulator first; that read is
 //! the meter's own and is not counted.
+//!
+//! It is also where the stand-in is made as hostile as AWS ([`Faults`]): it can let a write
+//! commit and then lose its answer (the caller gets a 500 and its SDK retries the write), and it
+//! can hold new items back from global secondary index queries for a while (DynamoDB's indexes
+//! are eventually consistent; the emulator's are not).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -99,6 +104,56 @@ pub struct Meter {
     http: reqwest::Client,
     tables: Mutex<HashMap<String, Arc<TableSchema>>>,
     usage: Mutex<Usage>,
+    faults: Mutex<Faults>,
+}
+
+/// A write that commits and whose answer is lost: the next `times` requests of `caller` (any
+/// caller when empty) for `operation` (`PutItem`, `TransactWriteItems`, …) whose body contains
+/// `contains` reach the emulator, and the caller gets a 500 `InternalServerError` instead of the
+/// answer, as when a connection drops after DynamoDB committed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LostAnswer {
+    #[serde(default)]
+    pub caller: String,
+    pub operation: String,
+    #[serde(default)]
+    pub contains: String,
+    pub times: u32,
+}
+
+/// The faults the meter injects.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Faults {
+    #[serde(default)]
+    pub lost_answers: Vec<LostAnswer>,
+    /// How long an item written anew stays out of global secondary index queries.
+    #[serde(default, with = "humantime_millis")]
+    pub index_lag: std::time::Duration,
+    /// Answers lost so far (a counter, for the tests).
+    #[serde(default)]
+    pub answers_lost: u64,
+    /// Index rows held back from a query so far.
+    #[serde(default)]
+    pub index_rows_held_back: u64,
+    /// When each item created within the lag was written, by table and `pk` (JSON of the key).
+    #[serde(skip)]
+    new_items: HashMap<(String, String), std::time::Instant>,
+}
+
+/// The index lag as whole milliseconds on the wire (`"indexLagMs"` reads better, but one field).
+mod humantime_millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
 }
 
 impl Meter {
@@ -113,7 +168,101 @@ impl Meter {
                 .expect("an HTTP client"),
             tables: Mutex::new(HashMap::new()),
             usage: Mutex::new(Usage::new()),
+            faults: Mutex::new(Faults::default()),
         })
+    }
+
+    /// Replaces the faults to inject (the counters carry on).
+    pub fn set_faults(&self, faults: Faults) {
+        let mut current = self.faults.lock().unwrap();
+        current.lost_answers = faults.lost_answers;
+        current.index_lag = faults.index_lag;
+    }
+
+    pub fn faults(&self) -> Faults {
+        self.faults.lock().unwrap().clone()
+    }
+
+    /// Whether this request's answer is to be lost (and counts it).
+    fn lose_answer(&self, caller: &str, operation: &str, body: &[u8]) -> bool {
+        let mut faults = self.faults.lock().unwrap();
+        let text = String::from_utf8_lossy(body);
+        let Some(rule) = faults.lost_answers.iter_mut().find(|r| {
+            r.times > 0
+                && (r.caller.is_empty() || r.caller == caller)
+                && r.operation == operation
+                && text.contains(&r.contains)
+        }) else {
+            return false;
+        };
+        rule.times -= 1;
+        faults.answers_lost += 1;
+        true
+    }
+
+    /// Notes the items a successful write created, for the index lag.
+    fn note_new_items(
+        &self,
+        writes: &[Write],
+        before: &HashMap<usize, Item>,
+        schemas: &HashMap<String, Arc<TableSchema>>,
+    ) {
+        let mut faults = self.faults.lock().unwrap();
+        if faults.index_lag.is_zero() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let lag = faults.index_lag;
+        faults
+            .new_items
+            .retain(|_, at| now.duration_since(*at) < lag);
+        for (i, write) in writes.iter().enumerate() {
+            let Some(schema) = schemas.get(&write.table) else {
+                continue;
+            };
+            if write.new.is_none() || before.contains_key(&i) {
+                continue; // an update: the index holds a row for it already
+            }
+            let key = Value::Object(schema.key_of(write.key_source())).to_string();
+            faults.new_items.insert((write.table.clone(), key), now);
+        }
+    }
+
+    /// A `Query` or `Scan` answer on a global secondary index without the rows of items created
+    /// less than the lag ago; `None` when nothing is held back.
+    fn hold_back_new_rows(&self, request: &Value, answer: &Value) -> Option<Value> {
+        let mut faults = self.faults.lock().unwrap();
+        if faults.index_lag.is_zero() || request["IndexName"].as_str().is_none() {
+            return None;
+        }
+        let table = request["TableName"].as_str()?.to_owned();
+        let schema = self.tables.lock().unwrap().get(&table).cloned()?;
+        let now = std::time::Instant::now();
+        let lag = faults.index_lag;
+        let items = answer["Items"].as_array()?;
+        let kept: Vec<Value> = items
+            .iter()
+            .filter(|item| {
+                let Some(item) = item.as_object() else {
+                    return true;
+                };
+                let key = Value::Object(schema.key_of(item)).to_string();
+                faults
+                    .new_items
+                    .get(&(table.clone(), key))
+                    .is_none_or(|at| now.duration_since(*at) >= lag)
+            })
+            .cloned()
+            .collect();
+        let held = items.len() - kept.len();
+        if held == 0 {
+            return None;
+        }
+        faults.index_rows_held_back += held as u64;
+        let mut answer = answer.clone();
+        answer["Count"] = json!(kept.len());
+        answer["Items"] = Value::Array(kept);
+        Some(answer)
     }
 
     /// Starts a listener on 127.0.0.1 for `caller`; its URL is that caller's `AWS_ENDPOINT_URL`.
@@ -301,6 +450,41 @@ async fn forward(
             .unwrap_or_else(|| "unknown".to_owned());
         let usage = sqs_usage(&op, &request_json, status.is_success(), &answer_json);
         meter.record(&caller, &format!("sqs.{op}"), usage);
+    }
+
+    if let Some(op) = dynamo_op {
+        if status.is_success() && !writes.is_empty() {
+            meter.note_new_items(&writes, &before, &schemas);
+        }
+        if meter.lose_answer(&caller, op, &body) {
+            tracing::info!(%caller, %target, "meter: the write went through; its answer is lost");
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                [("content-type", "application/x-amz-json-1.0")],
+                json!({
+                    "__type": "com.amazonaws.dynamodb.v20120810#InternalServerError",
+                    "message": "the answer was lost (a fault the stand-in injected)",
+                })
+                .to_string(),
+            )
+                .into_response();
+        }
+        if status.is_success()
+            && matches!(op, "Query" | "Scan")
+            && let Some(held_back) = meter.hold_back_new_rows(&request_json, &answer_json)
+        {
+            // The body changed: its checksum header no longer fits.
+            let mut response = (status, held_back.to_string()).into_response();
+            for (name, value) in &headers {
+                if !is_hop_by_hop(name)
+                    && name.as_str() != "x-amz-crc32"
+                    && name != "content-length"
+                {
+                    response.headers_mut().insert(name, value.clone());
+                }
+            }
+            return response;
+        }
     }
 
     let mut response = (status, answer).into_response();

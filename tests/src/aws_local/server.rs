@@ -50,7 +50,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/queues", get(queues))
         .route("/sweep", post(sweep))
         .route("/meter", get(meter))
-        .route("/meter/reset", post(reset_meter));
+        .route("/meter/reset", post(reset_meter))
+        .route("/faults", get(faults).put(set_faults));
     Router::new()
         .nest("/_aws_local", admin)
         .fallback(api_gateway)
@@ -155,6 +156,19 @@ async fn meter(State(shared): State<Arc<Shared>>) -> Response {
 
 async fn reset_meter(State(shared): State<Arc<Shared>>) -> Response {
     shared.meter.reset();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// The faults the meter injects between the functions and the emulator, with their counters.
+async fn faults(State(shared): State<Arc<Shared>>) -> Response {
+    axum::Json(shared.meter.faults()).into_response()
+}
+
+async fn set_faults(
+    State(shared): State<Arc<Shared>>,
+    axum::Json(faults): axum::Json<super::meter::Faults>,
+) -> Response {
+    shared.meter.set_faults(faults);
     StatusCode::NO_CONTENT.into_response()
 }
 
