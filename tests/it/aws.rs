@@ -857,6 +857,9 @@ async fn the_cost_of_a_delivery_is_measured_on_the_wire() {
         "retriedOnce": cost_figures(&retried, N, N),
         "viaEventsQueue": cost_figures(&queued, N, 0),
         "batchPublish": cost_figures(&batched, N, 1),
+        // Per kind of access over the whole run: the busiest partition key's share
+        // (docs/scaling.md turns it into rates).
+        "partitions": aws.api.get("/_aws_local/meter/partitions").await.body,
     });
     println!("{report}");
     if let Some(path) = std::env::var_os("TIDINGS_COST_REPORT") {

@@ -130,9 +130,12 @@ pub const DUE_SHARD: &str = "due_shard";
 pub const DUE_AT: &str = "due_at";
 /// The TTL attribute (epoch seconds).
 pub const TTL_ATTRIBUTE: &str = "expires_at";
-/// How many partition keys the due index is spread over. Part of the stored data: raising it is
-/// safe only once every delivery has been rewritten, lowering it hides the higher shards.
-pub const DUE_SHARDS: u8 = 8;
+/// How many partition keys the due index is spread over. Every new delivery writes an index row
+/// when it enters and another when it leaves, and one index partition takes 1,000 writes a second:
+/// 32 shards carry 16,000 deliveries a second (docs/scaling.md). Part of the stored data: raising
+/// it is safe (the sweep queries every shard below it, so rows written under a smaller count are
+/// still found, and move when their delivery is next written); lowering it hides the higher ones.
+pub const DUE_SHARDS: u8 = 32;
 /// How long retained items live by default.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 
@@ -1400,7 +1403,7 @@ mod tests {
         // FNV-1a is fixed: a delivery must keep its shard across builds.
         let id = DeliveryId::parse("dlv_01hf2gn0h3c0y8mp0fqzjaxyqw").unwrap();
         assert_eq!(due_shard(&id), due_shard(&id.clone()));
-        let used: std::collections::HashSet<u8> = (0..200)
+        let used: std::collections::HashSet<u8> = (0..4_000)
             .map(|_| due_shard(&DeliveryId::generate()))
             .collect();
         assert_eq!(used.len(), usize::from(DUE_SHARDS));

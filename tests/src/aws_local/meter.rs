@@ -105,6 +105,22 @@ pub struct Meter {
     tables: Mutex<HashMap<String, Arc<TableSchema>>>,
     usage: Mutex<Usage>,
     faults: Mutex<Faults>,
+    /// Requests per partition key since start, by `caller operation on` (the table, or an
+    /// index): what the busiest partition of each access takes.
+    partitions: Mutex<BTreeMap<String, HashMap<String, u64>>>,
+}
+
+/// How one kind of access spreads over partitions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionShare {
+    /// Partition-key accesses (an item read or written, an index row written, a query).
+    pub requests: u64,
+    pub distinct_keys: u64,
+    /// The busiest key's part of the requests, 0 to 1.
+    pub busiest_share: f64,
+    /// The busiest key with ids replaced by their kind (`T#{tenant}#SUBS`), so it reads as a shape.
+    pub busiest_key: String,
 }
 
 /// A write that commits and whose answer is lost: the next `times` requests of `caller` (any
@@ -169,7 +185,100 @@ impl Meter {
             tables: Mutex::new(HashMap::new()),
             usage: Mutex::new(Usage::new()),
             faults: Mutex::new(Faults::default()),
+            partitions: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// The busiest partition key's share of each kind of access since start.
+    pub fn partition_shares(&self) -> BTreeMap<String, PartitionShare> {
+        self.partitions
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(access, keys)| {
+                let requests: u64 = keys.values().sum();
+                let (busiest, most) = keys
+                    .iter()
+                    .max_by_key(|(_, n)| **n)
+                    .map_or((String::new(), 0), |(k, n)| (k.clone(), *n));
+                let share = PartitionShare {
+                    requests,
+                    distinct_keys: keys.len() as u64,
+                    busiest_share: if requests == 0 {
+                        0.0
+                    } else {
+                        (most as f64 / requests as f64 * 1000.0).round() / 1000.0
+                    },
+                    busiest_key: key_shape(&busiest),
+                };
+                (access.clone(), share)
+            })
+            .collect()
+    }
+
+    /// Counts the partition keys one DynamoDB request touches.
+    fn record_partitions(
+        &self,
+        caller: &str,
+        op: &str,
+        request: &Value,
+        writes: &[Write],
+        schemas: &HashMap<String, Arc<TableSchema>>,
+    ) {
+        let mut touched: Vec<(String, String)> = Vec::new();
+        match op {
+            "GetItem" => touched.extend(scalar(&request["Key"]["pk"]).map(|k| ("table".into(), k))),
+            "BatchGetItem" => {
+                for asked in request["RequestItems"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(_, a)| a)
+                {
+                    for key in asked["Keys"].as_array().into_iter().flatten() {
+                        touched.extend(scalar(&key["pk"]).map(|k| ("table".into(), k)));
+                    }
+                }
+            }
+            "Query" | "Scan" => {
+                let on = request["IndexName"]
+                    .as_str()
+                    .map_or_else(|| "table".to_owned(), |i| format!("index {i}"));
+                let condition = request["KeyConditionExpression"]
+                    .as_str()
+                    .unwrap_or_default();
+                // The partition key's value: the first `= :placeholder` of the condition.
+                let placeholder = condition
+                    .split("= ")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .unwrap_or_default();
+                if let Some(k) = scalar(&request["ExpressionAttributeValues"][placeholder]) {
+                    touched.push((on, k));
+                }
+            }
+            _ => {}
+        }
+        for write in writes {
+            let item = write.key_source();
+            touched.extend(item.get("pk").and_then(scalar).map(|k| ("table".into(), k)));
+            if let (Some(schema), Some(new)) = (schemas.get(&write.table), write.new.as_ref()) {
+                for index in &schema.indexes {
+                    let value = index.keys.first().and_then(|k| new.get(k)).and_then(scalar);
+                    if let Some(k) = value {
+                        touched.push((format!("index {} (writes)", index.name), k));
+                    }
+                }
+            }
+        }
+        let mut partitions = self.partitions.lock().unwrap();
+        for (on, key) in touched {
+            *partitions
+                .entry(format!("{caller} {op} on {on}"))
+                .or_default()
+                .entry(key)
+                .or_default() += 1;
+        }
     }
 
     /// Replaces the faults to inject (the counters carry on).
@@ -442,6 +551,9 @@ async fn forward(
             &schemas,
         );
         meter.record(&caller, &format!("dynamodb.{op}"), usage);
+        if status.is_success() {
+            meter.record_partitions(&caller, op, &request_json, &writes, &schemas);
+        }
     } else {
         let op = target
             .strip_prefix(SQS_PREFIX)
@@ -494,6 +606,40 @@ async fn forward(
         }
     }
     response
+}
+
+/// A DynamoDB JSON scalar (`{"S": …}`, `{"N": …}`) as text.
+fn scalar(value: &Value) -> Option<String> {
+    value["S"]
+        .as_str()
+        .or_else(|| value["N"].as_str())
+        .map(str::to_owned)
+}
+
+/// A partition key with its ids replaced by their kind: `T#t1#SUB#sub_01…#DLVS` reads as
+/// `T#{tenant}#SUB#{id}#DLVS`, a shard number as `{n}`.
+fn key_shape(key: &str) -> String {
+    let parts: Vec<&str> = key.split('#').collect();
+    if parts.len() == 1 {
+        return if key.bytes().all(|b| b.is_ascii_digit()) {
+            "{n}".to_owned()
+        } else {
+            "{key}".to_owned()
+        };
+    }
+    parts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let previous = if i > 0 { parts[i - 1] } else { "" };
+            match previous {
+                "T" => "{tenant}",
+                "SUB" | "EVT" | "DLV" | "IDEM" | "KEY" => "{id}",
+                _ => p,
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("#")
 }
 
 fn bad_gateway(error: &reqwest::Error) -> Response {
@@ -780,6 +926,7 @@ enum Projection {
 
 #[derive(Debug, Clone)]
 struct IndexSchema {
+    name: String,
     keys: Vec<String>,
     projection: Projection,
 }
@@ -820,6 +967,7 @@ impl TableSchema {
                     _ => Projection::All,
                 };
                 IndexSchema {
+                    name: index["IndexName"].as_str().unwrap_or_default().to_owned(),
                     keys: key_names(&index["KeySchema"]),
                     projection,
                 }
@@ -904,6 +1052,18 @@ mod tests {
                  "Projection": {"ProjectionType": "KEYS_ONLY"}}
             ]
         }))
+    }
+
+    #[test]
+    fn partition_keys_read_as_their_shape() {
+        assert_eq!(key_shape("T#t1#SUBS"), "T#{tenant}#SUBS");
+        assert_eq!(
+            key_shape("T#acme#SUB#sub_01h#DLVS"),
+            "T#{tenant}#SUB#{id}#DLVS"
+        );
+        assert_eq!(key_shape("T#a#EVT#order-1"), "T#{tenant}#EVT#{id}");
+        assert_eq!(key_shape("KEY#5e88"), "KEY#{id}");
+        assert_eq!(key_shape("3"), "{n}");
     }
 
     #[test]

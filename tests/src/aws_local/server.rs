@@ -51,6 +51,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/sweep", post(sweep))
         .route("/meter", get(meter))
         .route("/meter/reset", post(reset_meter))
+        .route("/meter/partitions", get(partitions))
         .route("/faults", get(faults).put(set_faults));
     Router::new()
         .nest("/_aws_local", admin)
@@ -152,6 +153,11 @@ async fn queues(State(shared): State<Arc<Shared>>) -> Response {
 /// DynamoDB and SQS usage by caller and operation since the start or the last reset.
 async fn meter(State(shared): State<Arc<Shared>>) -> Response {
     axum::Json(shared.meter.snapshot()).into_response()
+}
+
+/// The busiest partition key's share of each kind of DynamoDB access since start.
+async fn partitions(State(shared): State<Arc<Shared>>) -> Response {
+    axum::Json(shared.meter.partition_shares()).into_response()
 }
 
 async fn reset_meter(State(shared): State<Arc<Shared>>) -> Response {
