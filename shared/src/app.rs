@@ -557,7 +557,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         idempotency_key: Option<String>,
     ) -> AppResult<Accepted> {
         let subscriptions = self.store.tenant_subscriptions(tenant).await?;
-        self.accept_with(tenant, &subscriptions, request, idempotency_key)
+        self.accept_event_with(tenant, &subscriptions, request, idempotency_key)
             .await
     }
 
@@ -582,7 +582,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         let subscriptions = self.store.tenant_subscriptions(tenant).await?;
         let accepted = join_bounded(
             items.into_iter().map(|item| {
-                self.accept_with(tenant, &subscriptions, item.request, item.idempotency_key)
+                self.accept_event_with(tenant, &subscriptions, item.request, item.idempotency_key)
             }),
             BATCH_WRITES_AT_ONCE,
         )
@@ -601,8 +601,9 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         Ok(results)
     }
 
-    /// [`accept_event`](Self::accept_event) against subscriptions read already.
-    async fn accept_with(
+    /// [`accept_event`](Self::accept_event) against the tenant's subscriptions read already
+    /// (once for many events: a batch, or the records of one queue receive).
+    pub async fn accept_event_with(
         &self,
         tenant: &TenantId,
         subscriptions: &[Subscription],

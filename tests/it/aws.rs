@@ -897,6 +897,17 @@ async fn the_cost_of_a_delivery_is_measured_on_the_wire() {
         job_requests <= 0.5,
         "SQS requests of deliver per queued event: {job_requests}"
     );
+    // Fan-out of events from the queue reads the tenant's subscriptions once per received
+    // batch, not once per event (docs/scaling.md: the one access on a tenant's partition).
+    let subscription_reads = queued
+        .get(DELIVER)
+        .and_then(|ops| ops.get("dynamodb.Query"))
+        .map_or(0, |u| u.calls) as f64
+        / N as f64;
+    assert!(
+        subscription_reads <= 0.6,
+        "subscription reads of deliver per queued event: {subscription_reads}"
+    );
     // Every delivery was enqueued once per attempt, never more.
     let sent = |usage: &Usage| service_total(usage, "sqs", &[API, DELIVER, SWEEP]).messages;
     assert_eq!(sent(&first), N as u64);

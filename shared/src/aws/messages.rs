@@ -21,14 +21,14 @@
 //! handled is reported back (so it returns to its queue, and the queue's redrive policy moves a
 //! malformed one to the DLQ after `maxReceiveCount` receives); it never affects the other records.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use tracing::Instrument as _;
 
 use crate::app::{App, AppError, DeliverOutcome, PublishRequest, Published};
 use crate::concurrency::join_bounded;
-use crate::domain::{EventId, IdError, TenantId};
+use crate::domain::{EventId, IdError, Subscription, TenantId};
 use crate::input::Problem;
 use crate::input::body::parse_publish;
 use crate::ports::{Clock, DeliveryJob, DeliveryQueue, Store, StoreError};
@@ -190,9 +190,40 @@ where
     C: Clock,
     H: HttpSender,
 {
-    let (handled, jobs) = handle_message_deferred(app, sender, message).await?;
+    let (handled, jobs) = handle_message_deferred(app, sender, message, &HashMap::new()).await?;
     app.send_jobs(jobs).await;
     Ok(handled)
+}
+
+/// The subscriptions of the tenants whose events a batch publishes, read once for the batch
+/// (fan-out's read is the one access that concentrates on a tenant's partition; docs/scaling.md).
+/// A tenant whose read fails is left out: its records read for themselves.
+async fn subscriptions_of<S, Q, C>(
+    app: &App<S, Q, C>,
+    messages: &[QueueMessage],
+) -> HashMap<TenantId, Vec<Subscription>>
+where
+    S: Store,
+    Q: DeliveryQueue,
+    C: Clock,
+{
+    let tenants: BTreeSet<TenantId> = messages
+        .iter()
+        .filter_map(|m| match Message::parse(m) {
+            Ok(Message::Publish { tenant, .. }) => Some(tenant),
+            _ => None,
+        })
+        .collect();
+    let mut found = HashMap::with_capacity(tenants.len());
+    for tenant in tenants {
+        match app.store.tenant_subscriptions(&tenant).await {
+            Ok(subscriptions) => {
+                found.insert(tenant, subscriptions);
+            }
+            Err(e) => tracing::warn!(error = %e, %tenant, "could not read the subscriptions"),
+        }
+    }
+    found
 }
 
 /// [`handle_message`], leaving the jobs it makes to the caller: a published event's delivery
@@ -201,6 +232,7 @@ async fn handle_message_deferred<S, Q, C, H>(
     app: &App<S, Q, C>,
     sender: &H,
     message: &QueueMessage,
+    subscriptions: &HashMap<TenantId, Vec<Subscription>>,
 ) -> Result<(Handled, Vec<(DeliveryJob, Duration)>), RecordError>
 where
     S: Store,
@@ -228,7 +260,13 @@ where
             request,
             idempotency_key,
         } => {
-            let accepted = app.accept_event(&tenant, request, idempotency_key).await?;
+            let accepted = match subscriptions.get(&tenant) {
+                Some(subs) => {
+                    app.accept_event_with(&tenant, subs, request, idempotency_key)
+                        .await?
+                }
+                None => app.accept_event(&tenant, request, idempotency_key).await?,
+            };
             Ok((Handled::Published(accepted.published), accepted.jobs))
         }
     }
@@ -251,10 +289,12 @@ where
     C: Clock,
     H: HttpSender,
 {
+    let subscriptions = subscriptions_of(app, &messages).await;
+    let subscriptions = &subscriptions;
     let records = messages.into_iter().map(|message| {
         let span = tracing::info_span!("record", message_id = %message.message_id);
         async move {
-            match handle_message_deferred(app, sender, &message).await {
+            match handle_message_deferred(app, sender, &message, subscriptions).await {
                 Ok((handled, jobs)) => {
                     log_handled(&handled);
                     Ok(jobs)
