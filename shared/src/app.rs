@@ -1157,6 +1157,7 @@ mod tests {
 
     use super::*;
     use crate::conformance::{new_event, save, subscription, tenant, ts};
+    use crate::domain::Subscription;
     use crate::ports::{FakeClock, QueueError};
     use crate::sqlite::SqliteStore;
 
@@ -1255,6 +1256,71 @@ mod tests {
             .unwrap();
         assert_eq!(done.status(), DeliveryStatus::Succeeded);
         assert_eq!(done.due_at(), None);
+    }
+
+    #[tokio::test]
+    async fn a_thousand_deliveries_in_flight_at_the_head_of_the_due_index_do_not_hide_one_behind() {
+        let clock = FakeClock::at(ts(0));
+        let config = AppConfig::default();
+        let (grace, lease, batch) = (
+            config.sweep_grace,
+            config.lease_duration,
+            config.sweep_batch,
+        );
+        let app = App::new(
+            SqliteStore::open_in_memory().unwrap(),
+            Jobs::default(),
+            clock.clone(),
+            config,
+        );
+        let a = tenant("a");
+        let subs: Vec<_> = (0..1_001).map(|i| subscription(&a, ts(i))).collect();
+        for s in &subs {
+            app.store.insert_subscription(s).await.unwrap();
+        }
+        // 1,000 deliveries created first, each leased by a worker that is still at it...
+        let all: Vec<&Subscription> = subs.iter().collect();
+        let busy = new_event(&a, &all[..1_000], ts(0), "{}");
+        app.store.insert_event(&busy).await.unwrap();
+        for d in &busy.deliveries {
+            let leased = d.leased(ts(1_000), "worker".into(), lease).unwrap();
+            save(&app.store, d, leased).await;
+        }
+        // ...and one a moment later whose queue message was lost.
+        let lost = new_event(&a, &all[1_000..], ts(10), "{}");
+        app.store.insert_event(&lost).await.unwrap();
+
+        // Past the grace: all 1,001 are due, the 1,000 in flight first.
+        clock.set(ts(10).saturating_add(grace));
+        let mut rounds = 0;
+        loop {
+            let report = app.sweep_due().await.unwrap();
+            rounds += 1;
+            if !report.more_may_be_due(batch) {
+                break;
+            }
+            assert!(rounds < 10, "the sweep keeps going round");
+        }
+        let jobs = app.queue.0.lock().unwrap().clone();
+        assert_eq!(
+            jobs.iter()
+                .map(|j| j.delivery_id.clone())
+                .collect::<Vec<_>>(),
+            vec![lost.deliveries[0].id().clone()],
+            "the lost one is sent in this sweep; the ones in flight are left to their workers"
+        );
+        assert!(rounds <= 4, "{rounds} rounds");
+        // The workers' results still land on the deferred deliveries.
+        let one = app
+            .store
+            .get_delivery(&a, busy.deliveries[0].id())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            one.due_at().unwrap() > clock.now(),
+            "deferred past its lease"
+        );
     }
 
     type TestApp = App<SqliteStore, Jobs, FakeClock>;
