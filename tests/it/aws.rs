@@ -18,16 +18,16 @@ use tidings_tests::{ApiClient, Reply, TestReceiver, binary_path, eventually};
 const WAIT: Duration = Duration::from_secs(60);
 
 /// One `tidings-aws-local` with its own table and queues, and an API key for tenant `t1`.
-struct AwsLocal {
+pub(crate) struct AwsLocal {
     child: tokio::process::Child,
     info: Value,
-    api: ApiClient,
-    sqs: aws_sdk_sqs::Client,
+    pub(crate) api: ApiClient,
+    pub(crate) sqs: aws_sdk_sqs::Client,
     app: App<DynamoStore, BlackHoleQueue, SystemClock>,
 }
 
 /// A queue that drops every job: models a message lost between the store write and SQS.
-struct BlackHoleQueue;
+pub(crate) struct BlackHoleQueue;
 
 impl DeliveryQueue for BlackHoleQueue {
     fn max_delay(&self) -> Duration {
@@ -50,6 +50,11 @@ impl AwsLocal {
     }
 
     async fn start_with(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[]).await
+    }
+
+    /// Started with `args` and `env` added to (or overriding) the test defaults.
+    pub(crate) async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         use tokio::io::AsyncBufReadExt as _;
         tidings_tests::init_tracing();
         let endpoint = endpoint();
@@ -66,6 +71,7 @@ impl AwsLocal {
             .env("TIDINGS_SWEEP_GRACE", "3s")
             .env("TIDINGS_REQUEST_TIMEOUT", "2s")
             .env("TIDINGS_RETENTION", "2d")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -102,7 +108,7 @@ impl AwsLocal {
         }
     }
 
-    fn url(&self, name: &str) -> String {
+    pub(crate) fn url(&self, name: &str) -> String {
         self.info[name].as_str().unwrap().to_owned()
     }
 
@@ -141,7 +147,7 @@ impl Drop for AwsLocal {
 }
 
 /// A String message attribute.
-fn attr(value: &str) -> aws_sdk_sqs::types::MessageAttributeValue {
+pub(crate) fn attr(value: &str) -> aws_sdk_sqs::types::MessageAttributeValue {
     aws_sdk_sqs::types::MessageAttributeValue::builder()
         .data_type("String")
         .string_value(value)

@@ -4,139 +4,58 @@
 
 use std::time::{Duration, Instant};
 
-use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName};
+use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use serde_json::{Value, json};
-use tidings_core::app::{App, AppConfig};
-use tidings_core::aws::dynamo::DynamoStore;
 use tidings_core::aws::messages::{
     DELIVERY_JOB_KIND, KIND_ATTRIBUTE, ORIGINAL_MESSAGE_ID_ATTRIBUTE, ORIGINAL_SENT_AT_ATTRIBUTE,
     TENANT_ATTRIBUTE,
 };
-use tidings_core::domain::{EventId, TenantId};
-use tidings_core::ports::{DeliveryJob, DeliveryQueue, QueueError, SystemClock};
-use tidings_tests::{ApiClient, Reply, TestReceiver, binary_path, eventually};
+use tidings_core::domain::EventId;
+use tidings_tests::{Reply, TestReceiver, eventually};
+
+use crate::aws::{AwsLocal, attr};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// One `tidings-aws-local` with its own table and queues, an API key for tenant `t1`, and the
-/// sweep off (it never runs on its own), so nothing here is the sweep's doing.
-struct Stack {
-    child: tokio::process::Child,
-    info: Value,
-    api: ApiClient,
-    sqs: aws_sdk_sqs::Client,
+/// One `tidings-aws-local` (the stand-in of `aws.rs`) with the sweep off (it never runs on its
+/// own), so nothing here is the sweep's doing.
+async fn stack(retry_schedule: &str) -> AwsLocal {
+    AwsLocal::start_with_env(
+        &["--sweep-interval", "0s"],
+        &[("TIDINGS_RETRY_SCHEDULE", retry_schedule)],
+    )
+    .await
 }
 
-/// The test's own App only creates the API key: it needs no queue.
-struct NoQueue;
-
-impl DeliveryQueue for NoQueue {
-    fn max_delay(&self) -> Duration {
-        Duration::from_secs(900)
-    }
-    async fn enqueue(&self, _jobs: Vec<(DeliveryJob, Duration)>) -> Result<(), QueueError> {
-        Ok(())
-    }
+/// Messages in a queue, per SQS's approximate counters: visible, in flight, delayed.
+async fn queue_counts(aws: &AwsLocal, url: &str) -> [usize; 3] {
+    let attrs = aws
+        .sqs
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::All)
+        .send()
+        .await
+        .unwrap();
+    [
+        QueueAttributeName::ApproximateNumberOfMessages,
+        QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+        QueueAttributeName::ApproximateNumberOfMessagesDelayed,
+    ]
+    .map(|name| {
+        attrs
+            .attributes()
+            .and_then(|a| a.get(&name))
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0)
+    })
 }
 
-impl Stack {
-    async fn start(retry_schedule: &str) -> Self {
-        use tokio::io::AsyncBufReadExt as _;
-        tidings_tests::init_tracing();
-        let endpoint = std::env::var("AWS_ENDPOINT_URL").expect(
-            "AWS_ENDPOINT_URL is not set: these tests need the AWS emulator (moto); run them with tests/run.sh",
-        );
-        let bin_dir = binary_path("tidings-api").parent().unwrap().to_owned();
-        let mut child = tokio::process::Command::new(binary_path("tidings-aws-local"))
-            .args(["--listen", "127.0.0.1:0", "--bin-dir"])
-            .arg(&bin_dir)
-            .args(["--visibility-timeout", "5s", "--function-timeout", "5s"])
-            .args(["--max-receive-count", "2", "--sweep-interval", "0s"])
-            .env("AWS_ENDPOINT_URL", &endpoint)
-            .env("TIDINGS_RETRY_SCHEDULE", retry_schedule)
-            .env("TIDINGS_ALLOW_CALLBACK_CIDRS", "127.0.0.0/8")
-            .env("TIDINGS_SWEEP_GRACE", "3s")
-            .env("TIDINGS_REQUEST_TIMEOUT", "2s")
-            .env("TIDINGS_RETENTION", "2d")
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn tidings-aws-local");
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .expect("tidings-aws-local printed its JSON line within 60 s")
-            .unwrap()
-            .expect("tidings-aws-local exited before printing its JSON line (is moto running?)");
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let info: Value = serde_json::from_str(&line).expect("start line is JSON");
-
-        let sdk = tidings_core::aws::dynamo::load_sdk_config().await;
-        let store = DynamoStore::new(
-            aws_sdk_dynamodb::Client::new(&sdk),
-            info["tableName"].as_str().unwrap(),
-        );
-        let app = App::new(store, NoQueue, SystemClock, AppConfig::default());
-        let key = app
-            .create_api_key(&TenantId::parse("t1").unwrap())
-            .await
-            .expect("create an API key in the table");
-        let api = ApiClient::new(info["apiUrl"].as_str().unwrap(), key);
-        Self {
-            child,
-            info,
-            api,
-            sqs: aws_sdk_sqs::Client::new(&sdk),
-        }
-    }
-
-    fn url(&self, name: &str) -> String {
-        self.info[name].as_str().unwrap().to_owned()
-    }
-
-    /// Messages in a queue, per SQS's approximate counters: visible, in flight, delayed.
-    async fn queue_counts(&self, url: &str) -> [usize; 3] {
-        let attrs = self
-            .sqs
-            .get_queue_attributes()
-            .queue_url(url)
-            .attribute_names(QueueAttributeName::All)
-            .send()
-            .await
-            .unwrap();
-        [
-            QueueAttributeName::ApproximateNumberOfMessages,
-            QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
-            QueueAttributeName::ApproximateNumberOfMessagesDelayed,
-        ]
-        .map(|name| {
-            attrs
-                .attributes()
-                .and_then(|a| a.get(&name))
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(0)
-        })
-    }
-
-    async fn queue_depth(&self, url: &str) -> usize {
-        self.queue_counts(url).await.iter().sum()
-    }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
-fn attr(value: &str) -> MessageAttributeValue {
-    MessageAttributeValue::builder()
-        .data_type("String")
-        .string_value(value)
-        .build()
-        .unwrap()
+/// Every message in a queue: visible, in flight and delayed.
+async fn queue_total(aws: &AwsLocal, url: &str) -> usize {
+    queue_counts(aws, url).await.iter().sum()
 }
 
 fn timestamp(v: &Value) -> OffsetDateTime {
@@ -147,7 +66,7 @@ fn timestamp(v: &Value) -> OffsetDateTime {
 /// delivered then, not dropped until the sweep finds it (the sweep is off here).
 #[tokio::test]
 async fn an_early_job_is_delivered_at_its_due_time_without_the_sweep() {
-    let aws = Stack::start("0s,8s").await;
+    let aws = stack("0s,8s").await;
     let receiver = TestReceiver::start().await;
     receiver.script([Reply::status(500)]);
     let sub = aws.api.subscribe(&receiver.url("/early"), &["*"]).await;
@@ -168,7 +87,7 @@ async fn an_early_job_is_delivered_at_its_due_time_without_the_sweep() {
     let deliveries = aws.url("deliveriesQueueUrl");
     // Only the retry's delayed job: the first job is done (deleted), the retry's is sent.
     eventually("the retry's delayed job alone", WAIT, || async {
-        aws.queue_counts(&deliveries).await == [0, 0, 1]
+        queue_counts(&aws, &deliveries).await == [0, 0, 1]
     })
     .await;
     // That job is lost; in its place one arrives now, seconds early.
@@ -178,7 +97,7 @@ async fn an_early_job_is_delivered_at_its_due_time_without_the_sweep() {
         .send()
         .await
         .unwrap();
-    assert_eq!(aws.queue_depth(&deliveries).await, 0);
+    assert_eq!(queue_total(&aws, &deliveries).await, 0);
     let early = json!({"tenantId": "t1", "deliveryId": id}).to_string();
     aws.sqs
         .send_message()
@@ -215,7 +134,7 @@ async fn an_early_job_is_delivered_at_its_due_time_without_the_sweep() {
 /// is published once.
 #[tokio::test]
 async fn a_redriven_producer_message_publishes_once_under_its_first_id() {
-    let aws = Stack::start("0s,1s,1s").await;
+    let aws = stack("0s,1s,1s").await;
     let receiver = TestReceiver::start().await;
     aws.api
         .subscribe(&receiver.url("/redrive"), &["order.*"])
@@ -278,7 +197,7 @@ async fn a_redriven_producer_message_publishes_once_under_its_first_id() {
     // Both copies are handled (the events queue drains), and a second event would have been
     // delivered by then.
     eventually("the events queue to drain", WAIT, || async {
-        aws.queue_depth(&events).await == 0
+        queue_total(&aws, &events).await == 0
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -110,6 +110,7 @@ use serde::{Deserialize, Serialize};
 use serde_dynamo::aws_sdk_dynamodb_1 as serde_ddb;
 use serde_json::value::RawValue;
 
+use crate::concurrency::join_bounded;
 use crate::domain::{
     ApiKeyRecord, Delivery, DeliveryId, Event, EventId, EventType, Subscription, SubscriptionId,
     TenantId, Timestamp,
@@ -485,37 +486,23 @@ impl DynamoStore {
     /// stays as it is.
     async fn put_new_deliveries(&self, items: Vec<Item>) -> StoreResult<()> {
         const AT_ONCE: usize = 25;
-        let mut running = tokio::task::JoinSet::new();
-        let mut items = items.into_iter();
-        loop {
-            while running.len() < AT_ONCE {
-                let Some(item) = items.next() else { break };
-                let put = self
-                    .client
-                    .put_item()
-                    .table_name(&self.table)
-                    .set_item(Some(item))
-                    .condition_expression("attribute_not_exists(#pk) OR #d.#r = :orphan")
-                    .expression_attribute_names("#pk", PK)
-                    .expression_attribute_names("#d", DELIVERY)
-                    .expression_attribute_names("#r", "reason")
-                    .expression_attribute_values(
-                        ":orphan",
-                        AttributeValue::S(Delivery::ORPHAN_REASON.to_owned()),
-                    );
-                running.spawn(put.send());
-            }
-            let Some(done) = running.join_next().await else {
-                return Ok(());
-            };
-            match done.map_err(StoreError::unavailable)? {
-                Ok(_) => {}
-                Err(e)
-                    if e.as_service_error()
-                        .is_some_and(|e| e.is_conditional_check_failed_exception()) => {}
-                Err(e) => return Err(StoreError::unavailable(e)),
-            }
+        let orphan = [(
+            ":orphan",
+            AttributeValue::S(Delivery::ORPHAN_REASON.to_owned()),
+        )];
+        let puts = items.into_iter().map(|item| {
+            self.put_checked(
+                item,
+                "attribute_not_exists(#pk) OR #d.#r = :orphan",
+                &[("#pk", PK), ("#d", DELIVERY), ("#r", "reason")],
+                &orphan,
+            )
+        });
+        for written in join_bounded(puts, AT_ONCE).await {
+            // A failed condition: the delivery exists, and stays as it is.
+            written?.ok();
         }
+        Ok(())
     }
 
     /// A conditional put for a transaction: only if the item is new, returning the old item when
@@ -1258,33 +1245,21 @@ impl Store for DynamoStore {
     async fn update_delivery(&self, delivery: &Delivery, expected_version: u64) -> StoreResult<()> {
         let item = self.delivery_item(delivery)?;
         // The key holds the tenant: another tenant's delivery is simply not there.
-        let put = self
-            .client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(item))
-            .condition_expression("#d.#v = :expected")
-            .expression_attribute_names("#d", DELIVERY)
-            .expression_attribute_names("#v", "version")
-            .expression_attribute_values(
-                ":expected",
-                AttributeValue::N(expected_version.to_string()),
+        let written = self
+            .put_checked(
+                item,
+                "#d.#v = :expected",
+                &[("#d", DELIVERY), ("#v", "version")],
+                &[(":expected", AttributeValue::N(expected_version.to_string()))],
             )
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .send()
-            .await;
-        match put {
-            Ok(_) => Ok(()),
+            .await?;
+        match written {
+            Ok(()) => Ok(()),
             // The old item comes back only if there is one: a stale version, not a missing item.
-            Err(e) => match e.as_service_error() {
-                Some(PutItemError::ConditionalCheckFailedException(c)) => match c.item() {
-                    None => Err(StoreError::NotFound),
-                    // Our own earlier try, whose answer was lost and which the SDK retried.
-                    Some(old) if holds(old, DELIVERY, delivery) => Ok(()),
-                    Some(_) => Err(StoreError::Conflict),
-                },
-                _ => Err(StoreError::unavailable(e)),
-            },
+            Err(None) => Err(StoreError::NotFound),
+            // Our own earlier try, whose answer was lost and which the SDK retried.
+            Err(Some(old)) if holds(&old, DELIVERY, delivery) => Ok(()),
+            Err(Some(_)) => Err(StoreError::Conflict),
         }
     }
 
