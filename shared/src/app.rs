@@ -38,6 +38,10 @@ pub const DEFAULT_PAGE_LIMIT: u32 = 50;
 const PAUSED: &str = "subscription is paused";
 /// When a worker looks again at a delivery it held (see `App::hold`): well past any index lag.
 const HOLD_RECHECK: Duration = Duration::from_secs(60);
+/// After that, how often a held delivery is looked at again: a safety net, so that none can stay
+/// held under a subscription that is active, disabled or gone (a resume whose release failed
+/// half-way, a delete whose answer was lost), nor outlive the store's retention unseen.
+const HOLD_SAFETY_RECHECK: Duration = Duration::from_secs(6 * 3600);
 
 /// How often a use case re-reads and re-applies a change that lost a version-checked write to
 /// a concurrent one before answering 409.
@@ -53,6 +57,9 @@ pub struct AppConfig {
     pub lease_duration: Duration,
     /// Deliveries the sweep handles per run.
     pub sweep_batch: u32,
+    /// How long a delivery may stay held before it is ended: a little less than the store's
+    /// retention (DynamoDB's TTL), so none expires unseen. `None`: no limit (SQLite keeps all).
+    pub hold_limit: Option<Duration>,
 }
 
 impl AppConfig {
@@ -80,6 +87,7 @@ impl Default for AppConfig {
             sweep_grace: Duration::from_secs(60),
             lease_duration: Duration::from_secs(60),
             sweep_batch: 500,
+            hold_limit: None,
         }
     }
 }
@@ -417,7 +425,10 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             next.version = current.version + 1;
             match self.store.update_subscription(&next, current.version).await {
                 Ok(()) => {
-                    if current.status != next.status {
+                    // Only a paused subscription holds deliveries. (Should this release fail
+                    // half-way, the held deliveries' own rechecks release them later.)
+                    if current.status == SubscriptionStatus::Paused && next.status != current.status
+                    {
                         self.settle_held_deliveries(&next).await?;
                     }
                     return Ok(next);
@@ -443,9 +454,12 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             other => other?,
         }
         // Its waiting deliveries end when a worker next takes them; held ones wait for no
-        // worker, so they end now.
-        self.end_held_deliveries(&current, "subscription was deleted")
-            .await
+        // worker, so they end now (or at their next recheck, should this fail half-way).
+        if current.status == SubscriptionStatus::Paused {
+            self.end_held_deliveries(&current, "subscription was deleted")
+                .await?;
+        }
+        Ok(())
     }
 
     /// After a status change: an active subscription gets its held deliveries back, a disabled
@@ -790,7 +804,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         let leased = match current.leased(now, random_token(""), self.config.lease_duration) {
             Ok(d) => d,
             Err(NotLeasable::NotDue(at)) => return Ok(DeliverOutcome::NotDue(at)),
-            Err(NotLeasable::Final(_)) => return Ok(DeliverOutcome::Skipped("already final")),
+            Err(NotLeasable::Final(_)) => return self.revive_orphan(&current).await,
             Err(NotLeasable::Held) => return self.recheck_hold(&current).await,
             Err(NotLeasable::Leased(_)) => return Ok(DeliverOutcome::Skipped("leased elsewhere")),
         };
@@ -903,6 +917,42 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         }
     }
 
+    /// A job for a finished delivery: nothing to do, unless it was ended as an orphan and its
+    /// event is there after all (a publish retried just as the orphan was ended: the retry left
+    /// the delivery alone, then wrote the event and sent this job). That one goes out now.
+    async fn revive_orphan(&self, current: &Delivery) -> Result<DeliverOutcome, StoreError> {
+        if current.reason() != Some(Delivery::ORPHAN_REASON) {
+            return Ok(DeliverOutcome::Skipped("already final"));
+        }
+        if self
+            .store
+            .get_event(current.tenant_id(), current.event_id())
+            .await?
+            .is_none()
+        {
+            return Ok(DeliverOutcome::Skipped("already final"));
+        }
+        let Ok(revived) = current.resent(self.clock.now(), self.config.sweep_grace) else {
+            return Ok(DeliverOutcome::Skipped("already final"));
+        };
+        match self
+            .store
+            .update_delivery(&revived, current.version())
+            .await
+        {
+            Ok(()) => {
+                tracing::warn!("a delivery ended as an orphan has its event after all: sent again");
+                self.send_jobs(vec![(job_for(&revived), Duration::ZERO)])
+                    .await;
+                Ok(DeliverOutcome::Skipped(
+                    "revived: its event was stored after all",
+                ))
+            }
+            Err(StoreError::Conflict) => Ok(DeliverOutcome::Skipped("changed meanwhile")),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Ends a leased delivery without an attempt, the reason in its log.
     async fn end(&self, leased: &Delivery, why: &str) -> Result<DeliverOutcome, StoreError> {
         let Some(ended) = leased.ended(self.clock.now(), why) else {
@@ -935,8 +985,9 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
     }
 
     /// A held delivery whose recheck is due (the sweep sent its job): released if its
-    /// subscription is active, ended if it is gone or disabled, else held for good (out of the
-    /// due index), where the subscription's resume finds it.
+    /// subscription is active, ended if it is gone or disabled (or held about as long as the
+    /// store keeps it), else held again until [`HOLD_SAFETY_RECHECK`] from now; the
+    /// subscription's resume normally releases it long before.
     async fn recheck_hold(&self, held: &Delivery) -> Result<DeliverOutcome, StoreError> {
         if !held.is_recheck_due() {
             return Ok(DeliverOutcome::Skipped(
@@ -952,7 +1003,17 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             Some(SubscriptionStatus::Disabled) => self.end(held, "subscription is disabled").await,
             Some(SubscriptionStatus::Active) => self.settle_hold(held).await,
             Some(SubscriptionStatus::Paused) => {
-                let Some(for_good) = held.held(self.clock.now(), PAUSED, None) else {
+                let now = self.clock.now();
+                if let Some(limit) = self.config.hold_limit
+                    && now >= held.created_at().saturating_add(limit)
+                {
+                    // The store would let it expire unseen: end it visibly first.
+                    return self
+                        .end(held, "held longer than the retention period allows")
+                        .await;
+                }
+                let again = now.saturating_add(HOLD_SAFETY_RECHECK);
+                let Some(for_good) = held.held(now, PAUSED, Some(again)) else {
                     return Ok(DeliverOutcome::Skipped("held"));
                 };
                 match self.store.update_delivery(&for_good, held.version()).await {
@@ -1433,7 +1494,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_held_delivery_still_paused_at_its_recheck_is_held_for_good() {
+    async fn a_held_delivery_still_paused_at_its_recheck_waits_for_the_resume() {
         let (app, a, sub) = app_with_subscription(AppConfig::default()).await;
         app.update_subscription(&a, &sub.id, status(SubscriptionStatus::Paused))
             .await
@@ -1445,17 +1506,115 @@ mod tests {
         assert_eq!(app.sweep_due().await.unwrap().enqueued, 1);
         app.deliver(&Refuses, &take_jobs(&app)[0]).await.unwrap();
         let held = app.get_delivery(&a, &job.delivery_id).await.unwrap();
-        assert_eq!((held.status(), held.due_at()), (DeliveryStatus::Held, None));
-        app.clock.advance(Duration::from_secs(3_600));
+        assert_eq!(held.status(), DeliveryStatus::Held);
         assert_eq!(
-            app.sweep_due().await.unwrap().found,
-            0,
-            "out of the due index"
+            held.due_at(),
+            Some(app.clock.now().saturating_add(HOLD_SAFETY_RECHECK)),
+            "looked at again in six hours, a safety net"
         );
+        app.clock.advance(Duration::from_secs(3_600));
+        assert_eq!(app.sweep_due().await.unwrap().found, 0, "not before");
         app.update_subscription(&a, &sub.id, status(SubscriptionStatus::Active))
             .await
             .unwrap();
         assert_eq!(take_jobs(&app), vec![job.clone()], "the resume finds it");
+        assert_eq!(
+            app.deliver(&Answers(200), &job).await.unwrap(),
+            DeliverOutcome::Delivered
+        );
+    }
+
+    #[tokio::test]
+    async fn a_delivery_a_failed_resume_left_held_is_released_by_its_safety_recheck() {
+        let (app, a, sub) = app_with_subscription(AppConfig::default()).await;
+        app.update_subscription(&a, &sub.id, status(SubscriptionStatus::Paused))
+            .await
+            .unwrap();
+        app.publish_event(&a, order("{}"), None).await.unwrap();
+        let job = take_jobs(&app).remove(0);
+        app.deliver(&Refuses, &job).await.unwrap();
+        app.clock.advance(HOLD_RECHECK);
+        app.sweep_due().await.unwrap();
+        app.deliver(&Refuses, &take_jobs(&app)[0]).await.unwrap();
+        // Resumed, and the release never ran (the request died after the subscription write;
+        // a retried PATCH finds the subscription active already and has nothing to change).
+        let mut active = app.get_subscription(&a, &sub.id).await.unwrap();
+        active.status = SubscriptionStatus::Active;
+        active.version += 1;
+        app.store
+            .update_subscription(&active, active.version - 1)
+            .await
+            .unwrap();
+        app.clock.advance(HOLD_SAFETY_RECHECK);
+        assert_eq!(app.sweep_due().await.unwrap().enqueued, 1);
+        app.deliver(&Refuses, &take_jobs(&app)[0]).await.unwrap();
+        assert_eq!(take_jobs(&app), vec![job.clone()], "released");
+        assert_eq!(
+            app.deliver(&Answers(200), &job).await.unwrap(),
+            DeliverOutcome::Delivered
+        );
+    }
+
+    #[tokio::test]
+    async fn a_delivery_held_about_as_long_as_the_store_keeps_it_is_ended_visibly() {
+        let config = AppConfig {
+            hold_limit: Some(Duration::from_secs(24 * 3600)),
+            ..AppConfig::default()
+        };
+        let (app, a, sub) = app_with_subscription(config).await;
+        app.update_subscription(&a, &sub.id, status(SubscriptionStatus::Paused))
+            .await
+            .unwrap();
+        app.publish_event(&a, order("{}"), None).await.unwrap();
+        let job = take_jobs(&app).remove(0);
+        app.deliver(&Refuses, &job).await.unwrap();
+        for _ in 0..6 {
+            app.clock.advance(HOLD_SAFETY_RECHECK);
+            app.sweep_due().await.unwrap();
+            for job in take_jobs(&app) {
+                app.deliver(&Refuses, &job).await.unwrap();
+            }
+        }
+        let d = app.get_delivery(&a, &job.delivery_id).await.unwrap();
+        assert_eq!(d.status(), DeliveryStatus::Failed);
+        assert_eq!(
+            d.reason(),
+            Some("held longer than the retention period allows")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_orphan_whose_event_was_stored_after_all_is_revived_by_its_job() {
+        let (app, a, sub) = app_with_subscription(AppConfig::default()).await;
+        // A publish died after its delivery and before its event (as on DynamoDB).
+        let event = EventId::parse("late-1").unwrap();
+        let orphan = Delivery::new(
+            a.clone(),
+            event.clone(),
+            sub.id.clone(),
+            app.clock.now(),
+            Duration::ZERO,
+            app.config.sweep_grace,
+        );
+        let mut carrier = crate::conformance::new_event(&a, &[], app.clock.now(), "{}");
+        carrier.deliveries = vec![orphan.clone()];
+        app.store.insert_event(&carrier).await.unwrap();
+        let job = job_for(&orphan);
+        // Its event never came: the worker ends it as an orphan, 16 minutes on.
+        app.clock.advance(Delivery::ORPHAN_AFTER);
+        assert_eq!(
+            app.deliver(&Refuses, &job).await.unwrap(),
+            DeliverOutcome::Failed
+        );
+        // Then the retried publish lands (it left the delivery alone) and sends its job.
+        let mut retry = order("{}");
+        retry.event_id = Some(event);
+        app.publish_event(&a, retry, None).await.unwrap();
+        let jobs = take_jobs(&app);
+        assert_eq!(jobs, vec![job.clone()]);
+        let outcome = app.deliver(&Refuses, &job).await.unwrap();
+        assert!(matches!(outcome, DeliverOutcome::Skipped(_)), "{outcome:?}");
+        assert_eq!(take_jobs(&app), vec![job.clone()], "sent again");
         assert_eq!(
             app.deliver(&Answers(200), &job).await.unwrap(),
             DeliverOutcome::Delivered

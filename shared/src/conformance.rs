@@ -660,7 +660,7 @@ pub async fn repeated_event_id_returns_existing<S: Store>(store: &S) {
     // meanwhile another subscription came.
     let mut again = new_event(&a, &[], ts(20), r#"{"v":"second"}"#);
     again.event.id = first.event.id.clone();
-    again.deliveries = deliveries_of(&again.event, &[&s], ts(20));
+    again.deliveries = deliveries_of(&again.event, &[&s, &t], ts(20));
     assert_eq!(
         again.deliveries[0].id(),
         first.deliveries[0].id(),
@@ -683,6 +683,11 @@ pub async fn repeated_event_id_returns_existing<S: Store>(store: &S) {
         first_page(store, &a, &s.id).await,
         first.deliveries,
         "the first delivery stays as it was"
+    );
+    assert_eq!(
+        first_page(store, &a, &t.id).await,
+        vec![],
+        "a repeat creates nothing, not even for a subscription made since"
     );
 }
 

@@ -299,6 +299,8 @@ mod server {
                 sweep_grace: config.sweep_grace,
                 lease_duration: config.request_timeout + Duration::from_secs(15),
                 sweep_batch: 500,
+                // SQLite keeps everything: a paused subscription's deliveries wait as long as it.
+                hold_limit: None,
             };
             let (queue, jobs) = LocalQueue::new();
             let app = Arc::new(App::new(store, queue, SystemClock, app_config));

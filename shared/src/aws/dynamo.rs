@@ -50,7 +50,7 @@
 //! | `update_subscription` | 1 `PutItem` (version condition, `ALL_OLD` on failure), then `Query`s on `list` until it shows the new version |
 //! | `delete_subscription` | 1 `DeleteItem` (`attribute_exists`), then `Query`s on `list` until the subscription is gone from it |
 //! | `tenant_subscriptions` | 1 `Query` on `list` |
-//! | `insert_event`, no idempotency key, 1 or more deliveries | n conditional `PutItem`s (deliveries, 25 at a time; the same write units as a `BatchWriteItem`) + 1 conditional `PutItem` (the event): no transaction, so half the write units. A repeat writes no delivery anew (the ids are derived) and reads the old event's fingerprint from the failed condition |
+//! | `insert_event`, no idempotency key, 1 or more deliveries | 1 `BatchGetItem` (is it a repeat?) + n conditional `PutItem`s (deliveries, 25 at a time; the same write units as a `BatchWriteItem`) + 1 conditional `PutItem` (the event): no transaction, so half the write units. A repeat stops after the read; one racing past it writes no delivery anew (the ids are derived) |
 //! | `insert_event`, up to 98 deliveries, with an idempotency key | 1 `TransactWriteItems` (event, key, deliveries); a known key adds 1 `GetItem` (the first event's fingerprint) |
 //! | `insert_event`, more deliveries, with a key | 1 `BatchGetItem` (is it a repeat?) + n conditional `PutItem`s (deliveries) + 1 `TransactWriteItems` (event + key) |
 //! | `get_event` | 1 `GetItem` (eventually consistent; a second, strong one on a miss) |
@@ -612,18 +612,22 @@ impl DynamoStore {
     }
 
     /// Whether the event id or idempotency key is known already (one `BatchGetItem`; a known
-    /// key adds a read of its event's fingerprint).
+    /// key adds a read of its event's fingerprint). Without a key the event alone is read,
+    /// eventually consistent (half the price): one written a moment ago may be missed, and then
+    /// the conditional writes after it still keep the repeat from changing anything that exists.
     async fn already_published(&self, new: &NewEvent) -> StoreResult<Option<InsertOutcome>> {
         let event_pk = event_pk(&new.event.tenant_id, &new.event.id);
         let key_pk = new
             .idempotency_key
             .as_deref()
             .map(|k| idempotency_pk(&new.event.tenant_id, k));
+        let consistent = key_pk.is_some();
         let mut found = self
-            .batch_get(
+            .batch_get_read(
                 std::iter::once(event_pk.clone())
                     .chain(key_pk.clone())
                     .collect(),
+                consistent,
             )
             .await?;
         if let Some(item) = key_pk.and_then(|pk| found.remove(&pk)) {
@@ -641,6 +645,15 @@ impl DynamoStore {
 
     /// Strongly consistent reads of the items with these keys, by key; missing ones are absent.
     async fn batch_get(&self, pks: Vec<String>) -> StoreResult<HashMap<String, Item>> {
+        self.batch_get_read(pks, true).await
+    }
+
+    /// [`batch_get`](Self::batch_get), strongly consistent or not.
+    async fn batch_get_read(
+        &self,
+        pks: Vec<String>,
+        consistent: bool,
+    ) -> StoreResult<HashMap<String, Item>> {
         let mut found = HashMap::with_capacity(pks.len());
         for chunk in pks.chunks(MAX_BATCH_GET) {
             let keys = chunk
@@ -650,7 +663,7 @@ impl DynamoStore {
             let mut request = Some(
                 KeysAndAttributes::builder()
                     .set_keys(Some(keys))
-                    .consistent_read(true)
+                    .consistent_read(consistent)
                     .build()
                     .map_err(StoreError::unavailable)?,
             );
@@ -694,8 +707,8 @@ impl DynamoStore {
     }
 
     /// Deliveries first, then the event (module docs): for an event without an idempotency key,
-    /// and for more deliveries than a transaction holds. With a key, a known key or event id is
-    /// looked up first, so a repeat writes nothing. Nothing is ever taken back: a delivery id
+    /// and for more deliveries than a transaction holds. A known key or event id is looked up
+    /// first (one strongly consistent read), so a repeat writes nothing. Nothing is ever taken back: a delivery id
     /// names one (event, subscription), so what an earlier or concurrent try of this publish
     /// wrote is the same delivery.
     async fn insert_deliveries_first(
@@ -703,9 +716,9 @@ impl DynamoStore {
         new: &NewEvent,
         deliveries: Vec<Item>,
     ) -> StoreResult<InsertOutcome> {
-        if new.idempotency_key.is_some()
-            && let Some(existing) = self.already_published(new).await?
-        {
+        // A repeat (a redelivered queue message, a producer's retry) writes nothing: without
+        // this read it would create deliveries for subscriptions made since the first publish.
+        if let Some(existing) = self.already_published(new).await? {
             return Ok(existing);
         }
         self.put_new_deliveries(deliveries).await?;

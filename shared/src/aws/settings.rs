@@ -271,6 +271,13 @@ impl AwsSettings {
             jitter_ratio: retry::DEFAULT_JITTER_RATIO,
             sweep_grace: self.sweep_grace,
             lease_duration: self.lease_duration(),
+            // DynamoDB's TTL takes items `retention` after their creation: a delivery held
+            // that long is ended a day before, visibly, instead (retention is at least the retry
+            // span plus a day, checked at start).
+            hold_limit: Some(
+                self.retention
+                    .saturating_sub(Duration::from_secs(24 * 3600)),
+            ),
             ..AppConfig::default()
         }
     }
