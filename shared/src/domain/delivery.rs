@@ -10,7 +10,8 @@
 //! | in flight | retryable outcome, attempts left | retrying (next attempt at t) |
 //! | in flight | retryable outcome, none left | dead |
 //! | in flight | permanent outcome (4xx but 408/429, refused address) | failed |
-//! | pending / retrying | [`held`](Delivery::held): subscription paused | held |
+//! | pending / retrying | [`held`](Delivery::held): subscription paused | held, with a recheck time |
+//! | held, recheck due | [`held`](Delivery::held) again: still paused | held, a later recheck |
 //! | held | [`released`](Delivery::released): subscription active again | pending |
 //! | any unfinished | [`ended`](Delivery::ended): subscription deleted, disabled | failed, with the reason |
 //! | succeeded / failed / dead | [`resent`](Delivery::resent) | pending (same id, at most [`MAX_RESENDS`]) |
@@ -716,6 +717,23 @@ mod tests {
         assert_eq!(done.version(), leased.version() + 1);
         let resent = done.resent(ts(2), GRACE).unwrap();
         assert_eq!(resent.version(), done.version() + 1);
+        let held = d.held(ts(3), "paused", Some(ts(9))).unwrap();
+        assert_eq!(held.version(), d.version() + 1);
+        let claimed = held.claimed(ts(10), GRACE).unwrap();
+        assert_eq!(claimed.version(), held.version() + 1);
+        let released = claimed.released(ts(11), GRACE).unwrap();
+        assert_eq!(released.version(), claimed.version() + 1);
+        let ended = released.ended(ts(12), "gone").unwrap();
+        assert_eq!(ended.version(), released.version() + 1);
+        let postponed = leased.postponed(ts(13), ts(99));
+        assert_eq!(postponed.version(), leased.version() + 1);
+        let recovered = leased.recovered(ts(14)).unwrap();
+        assert_eq!(recovered.version(), leased.version() + 1);
+        let late = leased.with_late_attempt(attempt(AttemptClass::Delivered), ts(15));
+        assert_eq!(late.version(), leased.version() + 1);
+        // The one exception, on purpose: a deferral keeps the lease holder's version.
+        let deferred = leased.deferred(ts(6_000), GRACE).unwrap();
+        assert_eq!(deferred.version(), leased.version());
     }
 
     #[test]
