@@ -669,7 +669,7 @@ mod tests {
         let other_tenant = Delivery::new(
             TenantId::parse("t2").unwrap(),
             e,
-            s,
+            s.clone(),
             ts(0),
             Duration::ZERO,
             GRACE,
@@ -677,6 +677,24 @@ mod tests {
         assert_ne!(a.id(), other_sub.id());
         assert_ne!(a.id(), other_tenant.id());
         assert_eq!(DeliveryId::parse(a.id().as_str()).as_ref(), Ok(a.id()));
+        // A generated event id carries its time, and its deliveries' ids sort by it.
+        let earlier = EventId::generate();
+        std::thread::sleep(Duration::from_millis(2));
+        let later = EventId::generate();
+        let id = |e: &EventId| {
+            Delivery::new(
+                t.clone(),
+                e.clone(),
+                s.clone(),
+                ts(0),
+                Duration::ZERO,
+                GRACE,
+            )
+            .id()
+            .clone()
+        };
+        assert!(id(&earlier) < id(&later));
+        assert_eq!(id(&later), id(&later), "and stay a function of the three");
     }
 
     #[test]
