@@ -1060,6 +1060,16 @@ impl DynamoStore {
             pause = (pause * 2).min(Duration::from_millis(500));
         }
     }
+
+    /// [`until_listed`](Self::until_listed) for `subscription` as just written.
+    async fn until_listed_version(&self, subscription: &Subscription) {
+        self.until_listed(
+            &subscription.tenant_id,
+            &subscription.id,
+            Some(subscription.version),
+        )
+        .await;
+    }
 }
 
 impl Store for DynamoStore {
@@ -1101,12 +1111,7 @@ impl Store for DynamoStore {
             Err(Some(old)) if holds(&old, SUBSCRIPTION, subscription) => {}
             Err(_) => return Err(StoreError::Conflict),
         }
-        self.until_listed(
-            &subscription.tenant_id,
-            &subscription.id,
-            Some(subscription.version),
-        )
-        .await;
+        self.until_listed_version(subscription).await;
         Ok(())
     }
 
@@ -1168,12 +1173,7 @@ impl Store for DynamoStore {
             Err(Some(old)) if holds(&old, SUBSCRIPTION, subscription) => {}
             Err(Some(_)) => return Err(StoreError::Conflict),
         }
-        self.until_listed(
-            &subscription.tenant_id,
-            &subscription.id,
-            Some(subscription.version),
-        )
-        .await;
+        self.until_listed_version(subscription).await;
         Ok(())
     }
 

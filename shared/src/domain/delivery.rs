@@ -430,12 +430,12 @@ impl Delivery {
         next
     }
 
-    /// Holds a waiting delivery while its subscription is paused: no attempt made, and out of the
-    /// due index unless `recheck_at` is given. The first hold gives one: the worker looks again
-    /// then, in case the subscription was resumed while its resume could not see this delivery
-    /// yet (on DynamoDB, the list it reads lags by a moment). A recheck that finds it still paused
-    /// holds it for good (`None`): the resume then finds it. `None` if it is finished, or held for
-    /// good already.
+    /// Holds a waiting delivery while its subscription is paused: no attempt made, due again at
+    /// `recheck_at` (`None`: out of the due index). The application gives the first hold a
+    /// recheck a minute on, in case a resume could not see this delivery yet (on DynamoDB the
+    /// list it reads lags by a moment), and later ones a six-hourly safety recheck. A held
+    /// delivery whose recheck came may be held again. `None` if it is finished, or held with no
+    /// recheck.
     pub fn held(
         &self,
         now: Timestamp,
@@ -446,13 +446,8 @@ impl Delivery {
         {
             return None;
         }
-        let mut next = self.next(now);
-        next.status = DeliveryStatus::Held;
-        next.lease = None;
-        next.next_attempt_at = None;
-        next.due_at = recheck_at;
+        let mut next = self.stopped(now, DeliveryStatus::Held, recheck_at, reason);
         next.claims = 0;
-        next.reason = Some(bounded_text(reason, MAX_ERROR_BYTES));
         Some(next)
     }
 
@@ -482,13 +477,24 @@ impl Delivery {
         if self.status.is_final() {
             return None;
         }
+        Some(self.stopped(now, DeliveryStatus::Failed, None, reason))
+    }
+
+    /// The next version with no attempt in view: `status`, no lease, due at `due_at`, `reason`.
+    fn stopped(
+        &self,
+        now: Timestamp,
+        status: DeliveryStatus,
+        due_at: Option<Timestamp>,
+        reason: &str,
+    ) -> Self {
         let mut next = self.next(now);
-        next.status = DeliveryStatus::Failed;
+        next.status = status;
         next.lease = None;
         next.next_attempt_at = None;
-        next.due_at = None;
+        next.due_at = due_at;
         next.reason = Some(bounded_text(reason, MAX_ERROR_BYTES));
-        Some(next)
+        next
     }
 
     /// A leased delivery whose event is not there yet: released, and due again at `until`.
@@ -871,7 +877,7 @@ mod tests {
         assert_eq!(
             held.held(ts(67_000), "again", None),
             None,
-            "held for good once"
+            "held with no recheck: nothing more to hold"
         );
         assert_eq!(held.attempt_count(), 1, "holding is no attempt");
 
