@@ -204,6 +204,14 @@ pub fn parse_publish_batch(bytes: &[u8]) -> Result<Vec<Result<BatchItem, Problem
 fn batch_item(bytes: &[u8]) -> Result<BatchItem, Problem> {
     let f = Fields::parse(bytes, BATCH_ITEM_FIELDS)?;
     let idempotency_key: Option<String> = f.optional("idempotencyKey")?;
+    if let Some(key) = &idempotency_key
+        && (key.is_empty() || key.len() > 255)
+    {
+        return Err(Problem::invalid(
+            "idempotencyKey",
+            "must be 1 to 255 characters",
+        ));
+    }
     Ok(BatchItem {
         request: publish_request(&f)?,
         idempotency_key,
@@ -301,6 +309,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(items.len(), 4);
+        let long_key = format!(
+            r#"{{"events":[{{"eventType":"a.b","data":1,"idempotencyKey":"{}"}}]}}"#,
+            "k".repeat(256)
+        );
+        let refused = parse_publish_batch(long_key.as_bytes()).unwrap();
+        assert_eq!(
+            refused[0]
+                .as_ref()
+                .err()
+                .and_then(|p| p.field.clone())
+                .as_deref(),
+            Some("events[0].idempotencyKey")
+        );
         let first = items[0].as_ref().unwrap();
         assert_eq!(first.idempotency_key.as_deref(), Some("k"));
         assert_eq!(first.request.data.get(), "1");
