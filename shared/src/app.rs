@@ -16,8 +16,8 @@ use crate::domain::{
     Subscription, SubscriptionId, SubscriptionStatus, TenantId, Timestamp,
 };
 use crate::ports::{
-    Clock, DeliveryJob, DeliveryQueue, InsertOutcome, NewEvent, Page, PageRequest, Store,
-    StoreError,
+    Clock, DeliveryJob, DeliveryQueue, FanOutJob, InsertOutcome, Job, NewEvent, Page, PageRequest,
+    Store, StoreError,
 };
 use crate::retry::{self, AttemptClass, RetrySchedule};
 use crate::sender::{HttpSender, OutboundRequest, SendOutcome, TransportFailure};
@@ -42,6 +42,20 @@ const HOLD_RECHECK: Duration = Duration::from_secs(60);
 /// held under a subscription that is active, disabled or gone (a resume whose release failed
 /// half-way, a delete whose answer was lost), nor outlive the store's retention unseen.
 const HOLD_SAFETY_RECHECK: Duration = Duration::from_secs(6 * 3600);
+
+/// A fan-out gives an event to subscriptions made up to this long after it was received: the
+/// clocks of the machines that created the subscription and received the event may differ.
+const SUBSCRIPTION_CLOCK_LEEWAY: Duration = Duration::from_secs(5);
+
+/// First attempts one fan-out makes at once.
+const FAN_OUT_AT_ONCE: usize = 16;
+
+/// What one subscription's share of a fan-out came to.
+enum FirstAttempt {
+    Made { delivered: bool },
+    /// Made already, by an earlier or concurrent fan-out of the same event.
+    Existing,
+}
 
 /// How often a use case re-reads and re-applies a change that lost a version-checked write to
 /// a concurrent one before answering 409.
@@ -162,11 +176,11 @@ pub struct BatchItem {
     pub idempotency_key: Option<String>,
 }
 
-/// A stored event and the jobs of its new deliveries, not yet enqueued.
+/// A stored event and the job of its fan-out, not yet enqueued.
 #[derive(Debug)]
 pub struct Accepted {
     pub published: Published,
-    pub jobs: Vec<(DeliveryJob, Duration)>,
+    pub jobs: Vec<(Job, Duration)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,7 +188,19 @@ pub struct Published {
     pub event_id: EventId,
     /// False when an idempotency key or event id repeated an earlier publish.
     pub created: bool,
+    /// The subscriptions it was published to (their deliveries are made by the fan-out).
     pub deliveries: usize,
+}
+
+/// What one fan-out job came to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FanOutReport {
+    /// Deliveries made, each with its first attempt (or held).
+    pub created: usize,
+    /// Of those, the ones whose first attempt succeeded.
+    pub delivered: usize,
+    /// Deliveries a recovery found made already and left alone.
+    pub existing: usize,
 }
 
 /// What one delivery job came to.
@@ -199,6 +225,8 @@ pub struct SweepReport {
     pub in_flight: usize,
     /// Of those, the ones now due only after their lease (out of the way of work behind them).
     pub deferred: usize,
+    /// Events whose overdue fan-out was sent again (counted in `enqueued` too).
+    pub fan_outs: usize,
 }
 
 impl SweepReport {
@@ -224,11 +252,11 @@ pub fn random_secret_text() -> String {
 }
 
 /// The job that asks a worker to attempt `delivery`.
-fn job_for(delivery: &Delivery) -> DeliveryJob {
-    DeliveryJob {
+fn job_for(delivery: &Delivery) -> Job {
+    Job::Deliver(DeliveryJob {
         tenant_id: delivery.tenant_id().clone(),
         delivery_id: delivery.id().clone(),
-    }
+    })
 }
 
 /// What identifies a publish request's body: the type, the data bytes, and the fields the
@@ -650,26 +678,17 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             fingerprint,
         };
         let first_delay = self.config.first_delay();
-        let deliveries: Vec<Delivery> = subscriptions
+        // Reported in the answer; the deliveries themselves are made by the fan-out.
+        let deliveries = subscriptions
             .iter()
             .filter(|s| s.wants(&event.event_type))
-            // A paused subscription's delivery is created like any other and held by the worker
-            // that takes it, which reads the subscription strongly (fan-out's read may be a
-            // moment old on DynamoDB) and releases it again should it have been resumed.
-            .map(|s| {
-                Delivery::new(
-                    tenant.clone(),
-                    event.id.clone(),
-                    s.id.clone(),
-                    now,
-                    first_delay,
-                    self.config.sweep_grace,
-                )
-            })
-            .collect();
+            .count();
         let new = NewEvent {
+            fan_out_due_at: Some(
+                now.saturating_add(first_delay)
+                    .saturating_add(self.config.sweep_grace),
+            ),
             event,
-            deliveries,
             idempotency_key,
         };
         match self.store.insert_event(&new).await? {
@@ -698,26 +717,26 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
                 })
             }
             InsertOutcome::Created => {
-                let jobs = new
-                    .deliveries
-                    .iter()
-                    .map(|d| (job_for(d), first_delay))
-                    .collect::<Vec<_>>();
+                let job = FanOutJob {
+                    tenant_id: tenant.clone(),
+                    event_id: new.event.id.clone(),
+                    recovery: false,
+                };
                 Ok(Accepted {
                     published: Published {
                         event_id: new.event.id,
                         created: true,
-                        deliveries: new.deliveries.len(),
+                        deliveries,
                     },
-                    jobs,
+                    jobs: vec![(job.into(), first_delay)],
                 })
             }
         }
     }
 
-    /// Enqueues delivery jobs (at once, however many: the queue batches them). A failure is only
-    /// logged: the deliveries are stored and due, so the sweep sends them.
-    pub async fn send_jobs(&self, jobs: Vec<(DeliveryJob, Duration)>) {
+    /// Enqueues jobs (at once, however many: the queue batches them). A failure is only logged:
+    /// what they ask for is stored and due, so the sweep sends it.
+    pub async fn send_jobs(&self, jobs: Vec<(Job, Duration)>) {
         if jobs.is_empty() {
             return;
         }
@@ -785,6 +804,141 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         Ok(next)
     }
 
+    /// Fans an event out: every subscription that wants it (and existed when it was received)
+    /// gets its delivery, made with its first attempt done (or held, while the subscription is
+    /// paused) and written once, with what was sent and what came back. Then the event is marked
+    /// fanned out. `subscriptions`: the tenant's, when the caller read them already (a batch).
+    /// `Err`: the store failed; the job should come back (should it not, the sweep sends the
+    /// fan-out again once it is overdue, as a recovery that leaves made deliveries alone).
+    #[tracing::instrument(skip_all, fields(event = %job.event_id, tenant = %job.tenant_id))]
+    pub async fn fan_out<H: HttpSender>(
+        &self,
+        sender: &H,
+        job: &FanOutJob,
+        subscriptions: Option<&[Subscription]>,
+    ) -> Result<FanOutReport, StoreError> {
+        let Some(event) = self
+            .store
+            .get_event(&job.tenant_id, &job.event_id)
+            .await?
+        else {
+            // Events are stored before their fan-out is sent: this one expired meanwhile.
+            tracing::warn!("fan-out of an event that is not stored");
+            return Ok(FanOutReport::default());
+        };
+        let read;
+        let subscriptions = match subscriptions {
+            Some(s) => s,
+            None => {
+                read = self.store.tenant_subscriptions(&job.tenant_id).await?;
+                &read[..]
+            }
+        };
+        // A subscription made after the event was received does not get it (a recovery may run
+        // long after); a few seconds' leeway for the clocks of different machines.
+        let newest = event.received_at.saturating_add(SUBSCRIPTION_CLOCK_LEEWAY);
+        let mut attempts = Vec::new();
+        for s in subscriptions {
+            if s.wants(&event.event_type) && s.created_at <= newest {
+                attempts.push(self.first_attempt(sender, &event, s, job.recovery));
+            }
+        }
+        let made = join_bounded(attempts, FAN_OUT_AT_ONCE).await;
+        let mut report = FanOutReport::default();
+        for made in made {
+            match made? {
+                FirstAttempt::Existing => report.existing += 1,
+                FirstAttempt::Made { delivered } => {
+                    report.created += 1;
+                    report.delivered += usize::from(delivered);
+                }
+            }
+        }
+        match self.store.fanned_out(&job.tenant_id, &job.event_id).await {
+            Ok(()) | Err(StoreError::NotFound) => {}
+            Err(e) => return Err(e),
+        }
+        tracing::info!(
+            created = report.created,
+            delivered = report.delivered,
+            existing = report.existing,
+            "event fanned out"
+        );
+        Ok(report)
+    }
+
+    /// One subscription's delivery of `event`, made with its first attempt (or held). A
+    /// `recovery` first looks whether it exists already, and then leaves it alone.
+    async fn first_attempt<H: HttpSender>(
+        &self,
+        sender: &H,
+        event: &Event,
+        subscription: &Subscription,
+        recovery: bool,
+    ) -> Result<FirstAttempt, StoreError> {
+        let tenant = &event.tenant_id;
+        if recovery {
+            let id = DeliveryId::derive(tenant, &event.id, &subscription.id);
+            if self.store.get_delivery(tenant, &id).await?.is_some() {
+                return Ok(FirstAttempt::Existing);
+            }
+        }
+        let now = self.clock.now();
+        let new = Delivery::new(
+            tenant.clone(),
+            event.id.clone(),
+            subscription.id.clone(),
+            now,
+            Duration::ZERO,
+            self.config.sweep_grace,
+        );
+        if subscription.status == SubscriptionStatus::Paused {
+            let Some(held) = new.held(now, PAUSED, Some(now.saturating_add(HOLD_RECHECK))) else {
+                return Ok(FirstAttempt::Existing);
+            };
+            match self.store.insert_delivery(&held).await {
+                Err(StoreError::Conflict) => return Ok(FirstAttempt::Existing),
+                other => other?,
+            }
+            // Resumed since the subscriptions were read? Then it goes out at once.
+            self.settle_hold(&held).await?;
+            return Ok(FirstAttempt::Made { delivered: false });
+        }
+        let leased = match new.leased(now, random_token(""), self.config.lease_duration) {
+            Ok(leased) => leased,
+            // A new delivery is due at once and has no lease.
+            Err(_) => return Ok(FirstAttempt::Existing),
+        };
+        let (attempt, retry_after) = self.attempt(sender, &leased, event, subscription).await;
+        let status_code = attempt.status_code;
+        let (done, follow_up) = leased.recorded(
+            attempt.clone(),
+            retry_after,
+            &self.config.retry_plan(self.queue.max_delay()),
+            self.clock.now(),
+        );
+        let done = match self.store.insert_delivery(&done).await {
+            Ok(()) => {
+                if let FollowUp::Enqueue(delay) = follow_up {
+                    self.send_jobs(vec![(job_for(&done), delay)]).await;
+                }
+                done
+            }
+            // Another fan-out of this event (a duplicate job) made it first: ours is recorded
+            // on it all the same.
+            Err(StoreError::Conflict) => self.record_late(&leased, attempt).await?,
+            Err(e) => return Err(e),
+        };
+        if status_code == Some(410) {
+            self.disable_gone_subscription(tenant, &subscription.id)
+                .await;
+        }
+        tracing::info!(status = done.status().as_str(), code = ?status_code, subscription = %subscription.id, "first attempt recorded");
+        Ok(FirstAttempt::Made {
+            delivered: done.status() == DeliveryStatus::Succeeded,
+        })
+    }
+
     /// Makes one attempt at one delivery, if it is due and no other worker holds it.
     /// `Err` means the store failed: the job should come back later.
     #[tracing::instrument(skip_all, fields(delivery = %job.delivery_id, tenant = %job.tenant_id))]
@@ -804,7 +958,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         let leased = match current.leased(now, random_token(""), self.config.lease_duration) {
             Ok(d) => d,
             Err(NotLeasable::NotDue(at)) => return Ok(DeliverOutcome::NotDue(at)),
-            Err(NotLeasable::Final(_)) => return self.revive_orphan(&current).await,
+            Err(NotLeasable::Final(_)) => return Ok(DeliverOutcome::Skipped("already final")),
             Err(NotLeasable::Held) => return self.recheck_hold(&current).await,
             Err(NotLeasable::Leased(_)) => return Ok(DeliverOutcome::Skipped("leased elsewhere")),
         };
@@ -832,7 +986,8 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             .get_event(&job.tenant_id, leased.event_id())
             .await?
         else {
-            return self.without_event(&leased).await;
+            // Events are stored before their deliveries: this one expired meanwhile.
+            return self.end(&leased, "its event is no longer stored").await;
         };
 
         let (attempt, retry_after) = self.attempt(sender, &leased, &event, &sub).await;
@@ -847,7 +1002,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         let done = match self.store.update_delivery(&done, leased.version()).await {
             Ok(()) => {
                 if let FollowUp::Enqueue(delay) = follow_up {
-                    self.send_jobs(vec![(job.clone(), delay)]).await;
+                    self.send_jobs(vec![(job.clone().into(), delay)]).await;
                 }
                 done
             }
@@ -893,64 +1048,6 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             }
         }
         Err(StoreError::Conflict)
-    }
-
-    /// The delivery's event is not there: its publish is still writing it (deliveries are
-    /// written first on DynamoDB), or died before it did. The first waits a little; the second
-    /// ends as an orphan, which a later try of that publish may write anew.
-    async fn without_event(&self, leased: &Delivery) -> Result<DeliverOutcome, StoreError> {
-        let now = self.clock.now();
-        let give_up_at = leased.created_at().saturating_add(Delivery::ORPHAN_AFTER);
-        if now >= give_up_at {
-            return self.end(leased, Delivery::ORPHAN_REASON).await;
-        }
-        let postponed = leased.postponed(now, give_up_at);
-        match self
-            .store
-            .update_delivery(&postponed, leased.version())
-            .await
-        {
-            Err(StoreError::Conflict) | Ok(()) => {
-                Ok(DeliverOutcome::Skipped("its event is not stored yet"))
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// A job for a finished delivery: nothing to do, unless it was ended as an orphan and its
-    /// event is there after all (a publish retried just as the orphan was ended: the retry left
-    /// the delivery alone, then wrote the event and sent this job). That one goes out now.
-    async fn revive_orphan(&self, current: &Delivery) -> Result<DeliverOutcome, StoreError> {
-        if current.reason() != Some(Delivery::ORPHAN_REASON) {
-            return Ok(DeliverOutcome::Skipped("already final"));
-        }
-        if self
-            .store
-            .get_event(current.tenant_id(), current.event_id())
-            .await?
-            .is_none()
-        {
-            return Ok(DeliverOutcome::Skipped("already final"));
-        }
-        let Ok(revived) = current.resent(self.clock.now(), self.config.sweep_grace) else {
-            return Ok(DeliverOutcome::Skipped("already final"));
-        };
-        match self
-            .store
-            .update_delivery(&revived, current.version())
-            .await
-        {
-            Ok(()) => {
-                tracing::warn!("a delivery ended as an orphan has its event after all: sent again");
-                self.send_jobs(vec![(job_for(&revived), Duration::ZERO)])
-                    .await;
-                Ok(DeliverOutcome::Skipped(
-                    "revived: its event was stored after all",
-                ))
-            }
-            Err(StoreError::Conflict) => Ok(DeliverOutcome::Skipped("changed meanwhile")),
-            Err(e) => Err(e),
-        }
     }
 
     /// Ends a leased delivery without an attempt, the reason in its log.
@@ -1199,6 +1296,31 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
                 .unwrap_or_default();
             jobs.push((job_for(&claimed), delay));
         }
+        // Events whose fan-out job was lost, or whose worker died on the way: fanned out again,
+        // as a recovery (deliveries made already are left alone).
+        let fan_outs = self
+            .store
+            .due_fan_outs(now, self.config.sweep_batch)
+            .await?;
+        report.found += fan_outs.len();
+        for due in fan_outs {
+            match self
+                .store
+                .claim_fan_out(&due, now.saturating_add(self.config.sweep_grace))
+                .await
+            {
+                Ok(()) => {}
+                Err(StoreError::Conflict | StoreError::NotFound) => continue,
+                Err(e) => return Err(e),
+            }
+            report.fan_outs += 1;
+            let job = FanOutJob {
+                tenant_id: due.tenant_id,
+                event_id: due.event_id,
+                recovery: true,
+            };
+            jobs.push((job.into(), Duration::ZERO));
+        }
         report.enqueued = jobs.len();
         if !jobs.is_empty()
             && let Err(e) = self.queue.enqueue(jobs).await
@@ -1223,13 +1345,13 @@ mod tests {
     use crate::sqlite::SqliteStore;
 
     #[derive(Default)]
-    struct Jobs(Mutex<Vec<DeliveryJob>>);
+    struct Jobs(Mutex<Vec<Job>>);
 
     impl DeliveryQueue for Jobs {
         fn max_delay(&self) -> Duration {
             Duration::from_secs(900)
         }
-        async fn enqueue(&self, jobs: Vec<(DeliveryJob, Duration)>) -> Result<(), QueueError> {
+        async fn enqueue(&self, jobs: Vec<(Job, Duration)>) -> Result<(), QueueError> {
             self.0
                 .lock()
                 .unwrap()
@@ -1253,7 +1375,7 @@ mod tests {
         let sub = subscription(&a, ts(0));
         app.store.insert_subscription(&sub).await.unwrap();
         let new = new_event(&a, &[&sub], ts(0), "{}");
-        app.store.insert_event(&new).await.unwrap();
+        crate::conformance::created(&app.store, &new).await;
         let created = new.deliveries[0].clone();
 
         // A worker leases it a second in, then dies without a word.
@@ -1342,14 +1464,14 @@ mod tests {
         // 1,000 deliveries created first, each leased by a worker that is still at it...
         let all: Vec<&Subscription> = subs.iter().collect();
         let busy = new_event(&a, &all[..1_000], ts(0), "{}");
-        app.store.insert_event(&busy).await.unwrap();
+        crate::conformance::created(&app.store, &busy).await;
         for d in &busy.deliveries {
             let leased = d.leased(ts(1_000), "worker".into(), lease).unwrap();
             save(&app.store, d, leased).await;
         }
         // ...and one a moment later whose queue message was lost.
         let lost = new_event(&a, &all[1_000..], ts(10), "{}");
-        app.store.insert_event(&lost).await.unwrap();
+        crate::conformance::created(&app.store, &lost).await;
 
         // Past the grace: all 1,001 are due, the 1,000 in flight first.
         clock.set(ts(10).saturating_add(grace));
@@ -1598,7 +1720,7 @@ mod tests {
         );
         let mut carrier = crate::conformance::new_event(&a, &[], app.clock.now(), "{}");
         carrier.deliveries = vec![orphan.clone()];
-        app.store.insert_event(&carrier).await.unwrap();
+        crate::conformance::created(&app.store, &carrier).await;
         let job = job_for(&orphan);
         // Its event never came: the worker ends it as an orphan, 16 minutes on.
         app.clock.advance(Delivery::ORPHAN_AFTER);

@@ -172,20 +172,41 @@ pub fn attempted(
     leased.recorded(attempt(0, at, outcome), None, &plan, at).0
 }
 
-/// An event at `at` with one new delivery per entry of `subscriptions` (repeats allowed), and
-/// no idempotency key.
+/// An event and the deliveries its fan-out makes (each as it is before its first attempt).
+#[derive(Debug, Clone)]
+pub struct TestEvent {
+    pub event: Event,
+    pub deliveries: Vec<Delivery>,
+    pub idempotency_key: Option<String>,
+    pub fan_out_due_at: Option<Timestamp>,
+}
+
+impl TestEvent {
+    /// What a publish hands the store.
+    pub fn new_event(&self) -> NewEvent {
+        NewEvent {
+            event: self.event.clone(),
+            idempotency_key: self.idempotency_key.clone(),
+            fan_out_due_at: self.fan_out_due_at,
+        }
+    }
+}
+
+/// An event at `at` with one new delivery per entry of `subscriptions` (repeats allowed), no
+/// idempotency key, and no fan-out owed.
 pub fn new_event(
     tenant: &TenantId,
     subscriptions: &[&Subscription],
     at: Timestamp,
     data: &str,
-) -> NewEvent {
+) -> TestEvent {
     let event = event(tenant, at, data);
     let deliveries = deliveries_of(&event, subscriptions, at);
-    NewEvent {
+    TestEvent {
         event,
         deliveries,
         idempotency_key: None,
+        fan_out_due_at: None,
     }
 }
 
@@ -262,12 +283,16 @@ async fn insert_all<S: Store>(store: &S, subscriptions: &[&Subscription]) {
     }
 }
 
-async fn created<S: Store>(store: &S, new: &NewEvent) {
+/// Stores the event, then its deliveries, as a publish and its fan-out do.
+pub async fn created<S: Store>(store: &S, new: &TestEvent) {
     assert_eq!(
-        store.insert_event(new).await.expect("insert event"),
+        store.insert_event(&new.new_event()).await.expect("insert event"),
         InsertOutcome::Created,
         "a new event is created"
     );
+    for d in &new.deliveries {
+        store.insert_delivery(d).await.expect("insert delivery");
+    }
 }
 
 /// Follows cursors from the first page to the last, failing if the pages never end.
@@ -624,7 +649,7 @@ pub async fn known_idempotency_key_returns_first_event<S: Store>(store: &S) {
     // A retried publish: new event id, same key.
     let mut retry = new_event(&a, &[&s], ts(20), r#"{"n":2}"#);
     retry.idempotency_key = Some("retry-me".into());
-    assert_eq!(store.insert_event(&retry).await.unwrap(), existing);
+    assert_eq!(store.insert_event(&retry.new_event()).await.unwrap(), existing);
     assert_eq!(store.get_event(&a, &retry.event.id).await.unwrap(), None);
     assert_eq!(
         store
@@ -645,7 +670,7 @@ pub async fn known_idempotency_key_returns_first_event<S: Store>(store: &S) {
 
     // The same retry again, this time with the first event id too.
     let same = first.clone();
-    assert_eq!(store.insert_event(&same).await.unwrap(), existing);
+    assert_eq!(store.insert_event(&same.new_event()).await.unwrap(), existing);
     assert_eq!(first_page(store, &a, &s.id).await, first.deliveries);
 }
 
@@ -667,7 +692,7 @@ pub async fn repeated_event_id_returns_existing<S: Store>(store: &S) {
         "derived ids"
     );
     assert_eq!(
-        store.insert_event(&again).await.unwrap(),
+        store.insert_event(&again.new_event()).await.unwrap(),
         InsertOutcome::Existing {
             event_id: first.event.id.clone(),
             fingerprint: first.event.fingerprint.clone(),

@@ -8,7 +8,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::app::{App, DeliverOutcome};
-use crate::ports::{Clock, DeliveryJob, DeliveryQueue, QueueError, Store};
+use crate::ports::{Clock, DeliveryQueue, Job, QueueError, Store};
 use crate::sender::HttpSender;
 
 /// Like SQS's 15-minute cap: longer waits stay in the store for the sweep, so memory stays bounded.
@@ -18,12 +18,12 @@ pub const LOCAL_MAX_DELAY: Duration = Duration::from_secs(15 * 60);
 /// source of truth and the sweep re-sends whatever was due.
 #[derive(Clone)]
 pub struct LocalQueue {
-    tx: mpsc::UnboundedSender<DeliveryJob>,
+    tx: mpsc::UnboundedSender<Job>,
 }
 
 /// The receiving end, handed to [`spawn_workers`].
 pub struct LocalJobs {
-    rx: mpsc::UnboundedReceiver<DeliveryJob>,
+    rx: mpsc::UnboundedReceiver<Job>,
 }
 
 impl LocalQueue {
@@ -38,7 +38,7 @@ impl DeliveryQueue for LocalQueue {
         LOCAL_MAX_DELAY
     }
 
-    async fn enqueue(&self, jobs: Vec<(DeliveryJob, Duration)>) -> Result<(), QueueError> {
+    async fn enqueue(&self, jobs: Vec<(Job, Duration)>) -> Result<(), QueueError> {
         for (job, delay) in jobs {
             if delay.is_zero() {
                 self.tx
@@ -57,7 +57,8 @@ impl DeliveryQueue for LocalQueue {
     }
 }
 
-/// Runs every queued job through `App::deliver`, at most `concurrency` at a time.
+/// Runs every queued job through `App::deliver` or `App::fan_out`, at most `concurrency` at a
+/// time.
 pub fn spawn_workers<S, Q, C, H>(
     app: Arc<App<S, Q, C>>,
     sender: Arc<H>,
@@ -80,10 +81,21 @@ where
             let sender = Arc::clone(&sender);
             tokio::spawn(async move {
                 let _permit = permit;
+                let job = match job {
+                    Job::FanOut(job) => {
+                        // Should it fail, the event's fan-out is due in the store: the sweep
+                        // sends it again.
+                        if let Err(e) = app.fan_out(sender.as_ref(), &job, None).await {
+                            tracing::error!(error = %e, event = %job.event_id, "fan-out failed");
+                        }
+                        return;
+                    }
+                    Job::Deliver(job) => job,
+                };
                 match app.deliver(sender.as_ref(), &job).await {
                     Ok(DeliverOutcome::NotDue(at)) => {
                         let delay = app.clock.now().until(at);
-                        if let Err(e) = app.queue.enqueue(vec![(job, delay)]).await {
+                        if let Err(e) = app.queue.enqueue(vec![(job.into(), delay)]).await {
                             tracing::warn!(error = %e, "could not requeue an early job");
                         }
                     }

@@ -48,15 +48,18 @@ pub struct Page<T> {
     pub next: Option<String>,
 }
 
-/// An event and its deliveries. A store makes the event visible only once all its deliveries
-/// exist, and a delivery that exists already (same derived id, from an earlier try of the same
-/// publish) is left as it is, never reset.
+/// An event to store. Its deliveries come later, from its fan-out: until
+/// [`Store::fanned_out`] says that is done, the event is due for fan-out at `fan_out_due_at`, so
+/// the sweep finds it should the process die before (the stored event is the durable record of
+/// the work it owes; a store that has a change stream may instead trigger fan-out from it).
 #[derive(Debug, Clone)]
 pub struct NewEvent {
     pub event: Event,
-    pub deliveries: Vec<Delivery>,
     /// The producer's `Idempotency-Key`; the event id itself is always unique per tenant too.
     pub idempotency_key: Option<String>,
+    /// When the sweep should fan the event out should its fan-out job never run. `None`: the
+    /// event owes no fan-out (tests, or an event with no subscription to reach).
+    pub fan_out_due_at: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +78,14 @@ pub enum InsertOutcome {
 pub struct DueDelivery {
     pub tenant_id: TenantId,
     pub delivery_id: DeliveryId,
+    pub due_at: Timestamp,
+}
+
+/// An event whose fan-out is overdue: its job was lost, or its worker died.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueFanOut {
+    pub tenant_id: TenantId,
+    pub event_id: EventId,
     pub due_at: Timestamp,
 }
 
@@ -130,6 +141,30 @@ pub trait Store: Send + Sync + 'static {
         tenant: &TenantId,
         id: &EventId,
     ) -> impl Future<Output = StoreResult<Option<Event>>> + Send;
+    /// The event's fan-out is done: it is no longer due. Idempotent; `NotFound` if there is no
+    /// such event.
+    fn fanned_out(
+        &self,
+        tenant: &TenantId,
+        id: &EventId,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Events due for fan-out with `due_at <= now`, earliest first, across tenants.
+    fn due_fan_outs(
+        &self,
+        now: Timestamp,
+        limit: u32,
+    ) -> impl Future<Output = StoreResult<Vec<DueFanOut>>> + Send;
+    /// Moves a due fan-out to `next`, only if it is still due at `expected` (so two sweeps
+    /// never both take it): `Conflict` if it changed, `NotFound` if it is no longer due.
+    fn claim_fan_out(
+        &self,
+        due: &DueFanOut,
+        next: Timestamp,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+
+    /// Writes a new delivery (its first attempt, or its hold, already in it): `Conflict` if a
+    /// delivery with its id exists (another fan-out of the same event wrote it first).
+    fn insert_delivery(&self, delivery: &Delivery) -> impl Future<Output = StoreResult<()>> + Send;
 
     fn get_delivery(
         &self,
@@ -170,13 +205,45 @@ pub struct DeliveryJob {
     pub delivery_id: DeliveryId,
 }
 
+/// A message asking a worker to fan an event out: create its deliveries, each with its first
+/// attempt made.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FanOutJob {
+    pub tenant_id: TenantId,
+    pub event_id: EventId,
+    /// Sent by the sweep for a fan-out that may have begun already: deliveries that exist are
+    /// looked up first and left alone, not sent again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recovery: bool,
+}
+
+/// Work for a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Job {
+    Deliver(DeliveryJob),
+    FanOut(FanOutJob),
+}
+
+impl From<DeliveryJob> for Job {
+    fn from(job: DeliveryJob) -> Self {
+        Self::Deliver(job)
+    }
+}
+
+impl From<FanOutJob> for Job {
+    fn from(job: FanOutJob) -> Self {
+        Self::FanOut(job)
+    }
+}
+
 /// Work to do soon. Losing a message is survivable (the sweep re-sends it); the store decides.
 pub trait DeliveryQueue: Send + Sync + 'static {
     /// The longest delay the queue holds a job for; longer waits are left to the sweep.
     fn max_delay(&self) -> Duration;
     fn enqueue(
         &self,
-        jobs: Vec<(DeliveryJob, Duration)>,
+        jobs: Vec<(Job, Duration)>,
     ) -> impl Future<Output = Result<(), QueueError>> + Send;
 }
 
@@ -282,6 +349,30 @@ impl<T: Store> Store for Arc<T> {
         id: &EventId,
     ) -> impl Future<Output = StoreResult<Option<Event>>> + Send {
         (**self).get_event(tenant, id)
+    }
+    fn fanned_out(
+        &self,
+        tenant: &TenantId,
+        id: &EventId,
+    ) -> impl Future<Output = StoreResult<()>> + Send {
+        (**self).fanned_out(tenant, id)
+    }
+    fn due_fan_outs(
+        &self,
+        now: Timestamp,
+        limit: u32,
+    ) -> impl Future<Output = StoreResult<Vec<DueFanOut>>> + Send {
+        (**self).due_fan_outs(now, limit)
+    }
+    fn claim_fan_out(
+        &self,
+        due: &DueFanOut,
+        next: Timestamp,
+    ) -> impl Future<Output = StoreResult<()>> + Send {
+        (**self).claim_fan_out(due, next)
+    }
+    fn insert_delivery(&self, delivery: &Delivery) -> impl Future<Output = StoreResult<()>> + Send {
+        (**self).insert_delivery(delivery)
     }
     fn get_delivery(
         &self,

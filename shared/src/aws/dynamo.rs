@@ -110,13 +110,13 @@ use serde::{Deserialize, Serialize};
 use serde_dynamo::aws_sdk_dynamodb_1 as serde_ddb;
 use serde_json::value::RawValue;
 
-use crate::concurrency::join_bounded;
 use crate::domain::{
     ApiKeyRecord, Delivery, DeliveryId, Event, EventId, EventType, Subscription, SubscriptionId,
     TenantId, Timestamp,
 };
 use crate::ports::{
-    DueDelivery, InsertOutcome, NewEvent, Page, PageRequest, Store, StoreError, StoreResult,
+    DueDelivery, DueFanOut, InsertOutcome, NewEvent, Page, PageRequest, Store, StoreError,
+    StoreResult,
 };
 
 /// The table's partition key.
@@ -137,6 +137,8 @@ pub const TTL_ATTRIBUTE: &str = "expires_at";
 /// it is safe (the sweep queries every shard below it, so rows written under a smaller count are
 /// still found, and move when their delivery is next written); lowering it hides the higher ones.
 pub const DUE_SHARDS: u8 = 32;
+/// The first due-index shard of events that owe their fan-out (`FAN_OUT_SHARD_BASE..+DUE_SHARDS`).
+pub const FAN_OUT_SHARD_BASE: u16 = 100;
 /// How long retained items live by default.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 
@@ -146,8 +148,6 @@ const SUBSCRIPTION: &str = "subscription";
 const EVENT: &str = "event";
 const DELIVERY: &str = "delivery";
 
-/// `TransactWriteItems` takes at most this many items.
-const MAX_TRANSACTION_ITEMS: usize = 100;
 /// `BatchGetItem` takes at most this many keys.
 const MAX_BATCH_GET: usize = 100;
 /// Tries of a call whose items were left unprocessed (throttling), or a transaction that lost to
@@ -333,9 +333,13 @@ impl DynamoStore {
         from.unix_seconds().saturating_add(retention)
     }
 
-    fn event_item(&self, event: &Event) -> StoreResult<Item> {
+    fn event_item(&self, new: &NewEvent) -> StoreResult<Item> {
+        let event = &new.event;
+        let due_at = new.fan_out_due_at.map(Timestamp::unix_millis);
         to_item(&EventItem {
             pk: event_pk(&event.tenant_id, &event.id),
+            due_shard: due_at.map(|_| fan_out_shard(&event.id)),
+            due_at,
             expires_at: self.expires_at(event.received_at),
             event: StoredEvent::from(event),
         })
@@ -428,7 +432,7 @@ impl DynamoStore {
     /// very event means an earlier try of this write committed and its answer was lost (the SDK
     /// retried it): that is `Created`, not a repeat.
     async fn put_event(&self, new: &NewEvent) -> StoreResult<InsertOutcome> {
-        let item = self.event_item(&new.event)?;
+        let item = self.event_item(new)?;
         match self
             .put_checked(item, "attribute_not_exists(#pk)", &[("#pk", PK)], &[])
             .await?
@@ -480,31 +484,6 @@ impl DynamoStore {
         })
     }
 
-    /// Writes each delivery only if it is new, or an orphan a crashed publish left (its event
-    /// never written; see [`Delivery::ORPHAN_REASON`]), concurrently. A delivery that exists
-    /// already (its id is derived: an earlier try of this publish, or this write's own retry)
-    /// stays as it is.
-    async fn put_new_deliveries(&self, items: Vec<Item>) -> StoreResult<()> {
-        const AT_ONCE: usize = 25;
-        let orphan = [(
-            ":orphan",
-            AttributeValue::S(Delivery::ORPHAN_REASON.to_owned()),
-        )];
-        let puts = items.into_iter().map(|item| {
-            self.put_checked(
-                item,
-                "attribute_not_exists(#pk) OR #d.#r = :orphan",
-                &[("#pk", PK), ("#d", DELIVERY), ("#r", "reason")],
-                &orphan,
-            )
-        });
-        for written in join_bounded(puts, AT_ONCE).await {
-            // A failed condition: the delivery exists, and stays as it is.
-            written?.ok();
-        }
-        Ok(())
-    }
-
     /// A conditional put for a transaction: only if the item is new, returning the old item when
     /// it is not.
     fn put_new(&self, item: Item) -> StoreResult<TransactWriteItem> {
@@ -522,25 +501,20 @@ impl DynamoStore {
     /// Writes the event, its idempotency key (if any) and `deliveries` all or nothing, each only
     /// if it is new. A known event id or idempotency key gives `Existing`; a delivery that
     /// exists already, `Conflict`.
-    async fn write_new_event(
-        &self,
-        new: &NewEvent,
-        deliveries: Vec<Item>,
-    ) -> StoreResult<InsertOutcome> {
-        let event = self.event_item(&new.event)?;
+    async fn write_new_event(&self, new: &NewEvent) -> StoreResult<InsertOutcome> {
+        let event = self.event_item(new)?;
         let key = new
             .idempotency_key
             .as_deref()
             .map(|k| self.idempotency_item(&new.event, k))
             .transpose()?;
-        if key.is_none() && deliveries.is_empty() {
+        if key.is_none() {
             // A transaction of one item costs twice what a conditional put does.
             return self.put_event(new).await;
         }
         let has_key = key.is_some();
         let items = std::iter::once(event)
             .chain(key)
-            .chain(deliveries)
             .map(|item| self.put_new(item))
             .collect::<StoreResult<Vec<_>>>()?;
         // The SDK gives the request an idempotency token, kept across its retries: a retried
@@ -562,7 +536,7 @@ impl DynamoStore {
                 }
                 _ => return Err(StoreError::unavailable(e)),
             };
-            // Reasons come in item order: the event, then the key, then the deliveries.
+            // Reasons come in item order: the event, then the key.
             if has_key && condition_failed(reasons.get(1)) {
                 let old = reasons.get(1).and_then(CancellationReason::item);
                 return self.existing_from_key(new, old).await;
@@ -570,12 +544,6 @@ impl DynamoStore {
             if condition_failed(reasons.first()) {
                 let old = reasons.first().and_then(CancellationReason::item).cloned();
                 return self.existing_event(new, old).await;
-            }
-            if reasons.iter().any(|r| condition_failed(Some(r))) {
-                // A delivery exists already (ids are derived): an earlier try of this publish
-                // wrote it deliveries-first. The caller goes that way too, which leaves
-                // existing deliveries alone.
-                return Err(StoreError::Conflict);
             }
             let lost_a_race = reasons
                 .iter()
@@ -609,38 +577,6 @@ impl DynamoStore {
         };
         let item: IdempotencyItem = serde_ddb::from_item(item).map_err(StoreError::unavailable)?;
         self.existing(&new.event.tenant_id, item.event_id).await
-    }
-
-    /// Whether the event id or idempotency key is known already (one `BatchGetItem`; a known
-    /// key adds a read of its event's fingerprint). Without a key the event alone is read,
-    /// eventually consistent (half the price): one written a moment ago may be missed, and then
-    /// the conditional writes after it still keep the repeat from changing anything that exists.
-    async fn already_published(&self, new: &NewEvent) -> StoreResult<Option<InsertOutcome>> {
-        let event_pk = event_pk(&new.event.tenant_id, &new.event.id);
-        let key_pk = new
-            .idempotency_key
-            .as_deref()
-            .map(|k| idempotency_pk(&new.event.tenant_id, k));
-        let consistent = key_pk.is_some();
-        let mut found = self
-            .batch_get_read(
-                std::iter::once(event_pk.clone())
-                    .chain(key_pk.clone())
-                    .collect(),
-                consistent,
-            )
-            .await?;
-        if let Some(item) = key_pk.and_then(|pk| found.remove(&pk)) {
-            let item: IdempotencyItem =
-                serde_ddb::from_item(item).map_err(StoreError::unavailable)?;
-            return Ok(Some(
-                self.existing(&new.event.tenant_id, item.event_id).await?,
-            ));
-        }
-        match found.remove(&event_pk) {
-            Some(old) => Ok(Some(self.existing_event(new, Some(old)).await?)),
-            None => Ok(None),
-        }
     }
 
     /// Strongly consistent reads of the items with these keys, by key; missing ones are absent.
@@ -704,28 +640,6 @@ impl DynamoStore {
             }
         }
         Ok(found)
-    }
-
-    /// Deliveries first, then the event (module docs): for an event without an idempotency key,
-    /// and for more deliveries than a transaction holds. A known key or event id is looked up
-    /// first (one strongly consistent read), so a repeat writes nothing. Nothing is ever taken back: a delivery id
-    /// names one (event, subscription), so what an earlier or concurrent try of this publish
-    /// wrote is the same delivery.
-    async fn insert_deliveries_first(
-        &self,
-        new: &NewEvent,
-        deliveries: Vec<Item>,
-    ) -> StoreResult<InsertOutcome> {
-        // A repeat (a redelivered queue message, a producer's retry) writes nothing: without
-        // this read it would create deliveries for subscriptions made since the first publish.
-        if let Some(existing) = self.already_published(new).await? {
-            return Ok(existing);
-        }
-        self.put_new_deliveries(deliveries).await?;
-        match &new.idempotency_key {
-            None => self.put_event(new).await,
-            Some(_) => self.write_new_event(new, Vec::new()).await,
-        }
     }
 }
 
@@ -815,11 +729,33 @@ fn parse_delivery_pk(pk: &str) -> StoreResult<(TenantId, DeliveryId)> {
 }
 
 /// The due-index shard of a delivery: FNV-1a of its id, so it is the same in every build.
-fn due_shard(id: &DeliveryId) -> u8 {
-    let hash = id.as_str().bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+fn due_shard(id: &DeliveryId) -> u16 {
+    shard_of(id.as_str())
+}
+
+/// The due-index shard of an event that owes its fan-out: apart from the deliveries' shards, so
+/// the sweep reads each kind on its own.
+fn fan_out_shard(id: &EventId) -> u16 {
+    FAN_OUT_SHARD_BASE + shard_of(id.as_str())
+}
+
+fn shard_of(text: &str) -> u16 {
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
-    (hash % u64::from(DUE_SHARDS)) as u8
+    (hash % u64::from(DUE_SHARDS)) as u16
+}
+
+/// The tenant and event id of an event's `pk`.
+fn parse_event_pk(pk: &str) -> StoreResult<(TenantId, EventId)> {
+    let (tenant, id) = pk
+        .strip_prefix("T#")
+        .and_then(|rest| rest.split_once("#EVT#"))
+        .ok_or_else(|| StoreError::unavailable(format!("`{pk}` is not an event key")))?;
+    Ok((
+        TenantId::parse(tenant).map_err(StoreError::unavailable)?,
+        EventId::parse(id).map_err(StoreError::unavailable)?,
+    ))
 }
 
 // ---- items ----
@@ -841,6 +777,11 @@ struct SubscriptionItem<'a> {
 #[derive(Serialize)]
 struct EventItem {
     pk: String,
+    // Present while the event's fan-out is owed: the sweep finds it in the due index.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    due_shard: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    due_at: Option<i64>,
     expires_at: i64,
     event: StoredEvent,
 }
@@ -904,7 +845,7 @@ struct DeliveryItem<'a> {
     list_sk: String,
     // Absent, not null, while not due: that keeps the due index sparse.
     #[serde(skip_serializing_if = "Option::is_none")]
-    due_shard: Option<u8>,
+    due_shard: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     due_at: Option<i64>,
     expires_at: i64,
@@ -1061,6 +1002,49 @@ impl DynamoStore {
         }
     }
 
+    /// The `due` index rows of `shards` with `due_at <= now`: each shard's earliest `limit`,
+    /// queried concurrently and merged, so the earliest `limit` overall (keys and due times).
+    async fn due_rows(
+        &self,
+        now: Timestamp,
+        limit: u32,
+        shards: std::ops::Range<u16>,
+    ) -> StoreResult<Vec<(String, Timestamp)>> {
+        let want = limit as usize;
+        if want == 0 {
+            return Ok(Vec::new());
+        }
+        let mut queries = tokio::task::JoinSet::new();
+        for shard in shards {
+            let query = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(DUE_INDEX)
+                .key_condition_expression("#s = :s AND #d <= :now")
+                .expression_attribute_names("#s", DUE_SHARD)
+                .expression_attribute_names("#d", DUE_AT)
+                .expression_attribute_values(":s", AttributeValue::N(shard.to_string()))
+                .expression_attribute_values(
+                    ":now",
+                    AttributeValue::N(now.unix_millis().to_string()),
+                )
+                .scan_index_forward(true);
+            queries.spawn(query_up_to(query, want));
+        }
+        let mut due = Vec::new();
+        while let Some(items) = queries.join_next().await {
+            for item in items.map_err(StoreError::unavailable)?? {
+                let entry: DueEntry =
+                    serde_ddb::from_item(item).map_err(StoreError::unavailable)?;
+                due.push((entry.pk, Timestamp::from_unix_millis(entry.due_at)));
+            }
+        }
+        due.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+        due.truncate(want);
+        Ok(due)
+    }
+
     /// [`until_listed`](Self::until_listed) for `subscription` as just written.
     async fn until_listed_version(&self, subscription: &Subscription) {
         self.until_listed(
@@ -1213,26 +1197,7 @@ impl Store for DynamoStore {
     }
 
     async fn insert_event(&self, new: &NewEvent) -> StoreResult<InsertOutcome> {
-        let deliveries = new
-            .deliveries
-            .iter()
-            .map(|d| self.delivery_item(d))
-            .collect::<StoreResult<Vec<_>>>()?;
-        if new.idempotency_key.is_none() && !deliveries.is_empty() {
-            // No key to write with the event, so no transaction (which doubles every item's
-            // write units): the deliveries, each on its own condition, then the event on its
-            // own (module docs). A repeat writes no delivery anew: their ids are derived.
-            return self.insert_deliveries_first(new, deliveries).await;
-        }
-        let room = MAX_TRANSACTION_ITEMS - 1 - usize::from(new.idempotency_key.is_some());
-        if deliveries.len() > room {
-            return self.insert_deliveries_first(new, deliveries).await;
-        }
-        match self.write_new_event(new, deliveries.clone()).await {
-            // A delivery of this event exists already: an earlier, interrupted try of it.
-            Err(StoreError::Conflict) => self.insert_deliveries_first(new, deliveries).await,
-            other => other,
-        }
+        self.write_new_event(new).await
     }
 
     async fn get_event(&self, tenant: &TenantId, id: &EventId) -> StoreResult<Option<Event>> {
@@ -1245,6 +1210,90 @@ impl Store for DynamoStore {
         };
         let stored: Option<StoredEvent> = item.map(|item| body(item, EVENT)).transpose()?;
         stored.map(Event::try_from).transpose()
+    }
+
+    async fn fanned_out(&self, tenant: &TenantId, id: &EventId) -> StoreResult<()> {
+        let done = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(PK, AttributeValue::S(event_pk(tenant, id)))
+            .update_expression("REMOVE #s, #d")
+            .condition_expression("attribute_exists(#pk)")
+            .expression_attribute_names("#pk", PK)
+            .expression_attribute_names("#s", DUE_SHARD)
+            .expression_attribute_names("#d", DUE_AT)
+            .send()
+            .await;
+        match done {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Err(StoreError::NotFound)
+            }
+            Err(e) => Err(StoreError::unavailable(e)),
+        }
+    }
+
+    async fn due_fan_outs(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<DueFanOut>> {
+        let rows = self
+            .due_rows(now, limit, FAN_OUT_SHARD_BASE..FAN_OUT_SHARD_BASE + DUE_SHARDS as u16)
+            .await?;
+        rows.into_iter()
+            .map(|(pk, due_at)| {
+                let (tenant_id, event_id) = parse_event_pk(&pk)?;
+                Ok(DueFanOut {
+                    tenant_id,
+                    event_id,
+                    due_at,
+                })
+            })
+            .collect()
+    }
+
+    async fn claim_fan_out(&self, due: &DueFanOut, next: Timestamp) -> StoreResult<()> {
+        let claimed = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(PK, AttributeValue::S(event_pk(&due.tenant_id, &due.event_id)))
+            .update_expression("SET #d = :next")
+            .condition_expression("#d = :expected")
+            .expression_attribute_names("#d", DUE_AT)
+            .expression_attribute_values(":next", AttributeValue::N(next.unix_millis().to_string()))
+            .expression_attribute_values(
+                ":expected",
+                AttributeValue::N(due.due_at.unix_millis().to_string()),
+            )
+            .send()
+            .await;
+        match claimed {
+            Ok(_) => Ok(()),
+            // Claimed by another sweep, done meanwhile, or our own claim whose answer was lost:
+            // whichever, this sweep leaves it (a lost claim is due again after the grace).
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Err(StoreError::Conflict)
+            }
+            Err(e) => Err(StoreError::unavailable(e)),
+        }
+    }
+
+    async fn insert_delivery(&self, delivery: &Delivery) -> StoreResult<()> {
+        let item = self.delivery_item(delivery)?;
+        match self
+            .put_checked(item, "attribute_not_exists(#pk)", &[("#pk", PK)], &[])
+            .await?
+        {
+            Ok(()) => Ok(()),
+            // Our own earlier try, whose answer was lost and which the SDK retried.
+            Err(Some(old)) if holds(&old, DELIVERY, delivery) => Ok(()),
+            Err(_) => Err(StoreError::Conflict),
+        }
     }
 
     async fn get_delivery(
@@ -1307,45 +1356,17 @@ impl Store for DynamoStore {
     }
 
     async fn due_deliveries(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<DueDelivery>> {
-        let want = limit as usize;
-        if want == 0 {
-            return Ok(Vec::new());
-        }
-        // Each shard's earliest `limit`, merged: the earliest `limit` overall are among them.
-        let mut shards = tokio::task::JoinSet::new();
-        for shard in 0..DUE_SHARDS {
-            let query = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name(DUE_INDEX)
-                .key_condition_expression("#s = :s AND #d <= :now")
-                .expression_attribute_names("#s", DUE_SHARD)
-                .expression_attribute_names("#d", DUE_AT)
-                .expression_attribute_values(":s", AttributeValue::N(shard.to_string()))
-                .expression_attribute_values(
-                    ":now",
-                    AttributeValue::N(now.unix_millis().to_string()),
-                )
-                .scan_index_forward(true);
-            shards.spawn(query_up_to(query, want));
-        }
-        let mut due = Vec::new();
-        while let Some(items) = shards.join_next().await {
-            for item in items.map_err(StoreError::unavailable)?? {
-                let entry: DueEntry =
-                    serde_ddb::from_item(item).map_err(StoreError::unavailable)?;
-                let (tenant_id, delivery_id) = parse_delivery_pk(&entry.pk)?;
-                due.push(DueDelivery {
+        let rows = self.due_rows(now, limit, 0..DUE_SHARDS as u16).await?;
+        rows.into_iter()
+            .map(|(pk, due_at)| {
+                let (tenant_id, delivery_id) = parse_delivery_pk(&pk)?;
+                Ok(DueDelivery {
                     tenant_id,
                     delivery_id,
-                    due_at: Timestamp::from_unix_millis(entry.due_at),
-                });
-            }
-        }
-        due.sort_by(|a, b| (a.due_at, &a.delivery_id).cmp(&(b.due_at, &b.delivery_id)));
-        due.truncate(want);
-        Ok(due)
+                    due_at,
+                })
+            })
+            .collect()
     }
 }
 

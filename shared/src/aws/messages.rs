@@ -2,11 +2,12 @@
 //! batch, independent of Lambda (the handler only maps the event to [`QueueMessage`]s and the
 //! returned ids to `batchItemFailures`).
 //!
-//! Two queues trigger it, and a record is one of two kinds:
+//! Two queues trigger it, and a record is one of three kinds:
 //!
 //! | kind | message attributes (String) | body |
 //! | --- | --- | --- |
 //! | delivery job (from [`SqsQueue`](super::sqs::SqsQueue)) | `tidings-kind` = `delivery-job` | `{"tenantId":"…","deliveryId":"dlv_…"}` |
+//! | fan-out job (from [`SqsQueue`](super::sqs::SqsQueue)) | `tidings-kind` = `fan-out` | `{"tenantId":"…","eventId":"…","recovery":true?}` |
 //! | producer event (the "events" queue) | no `tidings-kind`; `tenant` (required); `idempotency-key` (optional); `tidings-original-message-id` and `tidings-original-sent-at` (set by a redrive, see below) | the `POST /events` JSON: `{"eventType","data","eventId"?,"occurredAt"?}` |
 //!
 //! A producer event without `idempotency-key` is deduplicated by its `eventId`. Without one, its
@@ -26,18 +27,20 @@ use std::time::Duration;
 
 use tracing::Instrument as _;
 
-use crate::app::{App, AppError, DeliverOutcome, PublishRequest, Published};
+use crate::app::{App, AppError, DeliverOutcome, FanOutReport, PublishRequest, Published};
 use crate::concurrency::join_bounded;
 use crate::domain::{EventId, IdError, Subscription, TenantId};
 use crate::input::Problem;
 use crate::input::body::parse_publish;
-use crate::ports::{Clock, DeliveryJob, DeliveryQueue, Store, StoreError};
+use crate::ports::{Clock, DeliveryJob, DeliveryQueue, FanOutJob, Job, Store, StoreError};
 use crate::sender::HttpSender;
 
 /// Message attribute naming what a message is; absent on producer events.
 pub const KIND_ATTRIBUTE: &str = "tidings-kind";
 /// [`KIND_ATTRIBUTE`] of a delivery job.
 pub const DELIVERY_JOB_KIND: &str = "delivery-job";
+/// [`KIND_ATTRIBUTE`] of a fan-out job.
+pub const FAN_OUT_JOB_KIND: &str = "fan-out";
 /// Message attribute of a producer event: the tenant it is published for.
 pub const TENANT_ATTRIBUTE: &str = "tenant";
 /// Optional message attribute of a producer event: its idempotency key.
@@ -63,6 +66,7 @@ pub struct QueueMessage {
 #[derive(Debug)]
 pub enum Message {
     Deliver(DeliveryJob),
+    FanOut(FanOutJob),
     Publish {
         tenant: TenantId,
         request: PublishRequest,
@@ -75,7 +79,7 @@ pub enum Message {
 pub enum MessageError {
     #[error("unknown `{KIND_ATTRIBUTE}` attribute `{0}`")]
     UnknownKind(String),
-    #[error("the delivery job body is invalid: {0}")]
+    #[error("the job body is invalid: {0}")]
     BadJob(#[source] serde_json::Error),
     #[error("the event message has no `{TENANT_ATTRIBUTE}` attribute")]
     MissingTenant,
@@ -107,6 +111,9 @@ impl Message {
         match message.attributes.get(KIND_ATTRIBUTE).map(String::as_str) {
             Some(DELIVERY_JOB_KIND) => serde_json::from_str(&message.body)
                 .map(Self::Deliver)
+                .map_err(MessageError::BadJob),
+            Some(FAN_OUT_JOB_KIND) => serde_json::from_str(&message.body)
+                .map(Self::FanOut)
                 .map_err(MessageError::BadJob),
             Some(other) => Err(MessageError::UnknownKind(other.to_owned())),
             None => {
@@ -152,7 +159,9 @@ fn first_identity(message: &QueueMessage) -> Result<(u64, &str), MessageError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handled {
     Delivered(DeliverOutcome),
-    Published(Published),
+    FannedOut(FanOutReport),
+    /// A producer's event, stored and (when new) fanned out at once.
+    Published(Published, Option<FanOutReport>),
 }
 
 /// Why a record must come back.
@@ -211,6 +220,7 @@ where
         .iter()
         .filter_map(|m| match Message::parse(m) {
             Ok(Message::Publish { tenant, .. }) => Some(tenant),
+            Ok(Message::FanOut(job)) => Some(job.tenant_id),
             _ => None,
         })
         .collect();
@@ -233,7 +243,7 @@ async fn handle_message_deferred<S, Q, C, H>(
     sender: &H,
     message: &QueueMessage,
     subscriptions: &HashMap<TenantId, Vec<Subscription>>,
-) -> Result<(Handled, Vec<(DeliveryJob, Duration)>), RecordError>
+) -> Result<(Handled, Vec<(Job, Duration)>), RecordError>
 where
     S: Store,
     Q: DeliveryQueue,
@@ -250,24 +260,47 @@ where
                 // sweep sends it when it is due, from its due time in the store.
                 let left = app.clock.now().until(at);
                 if left <= app.queue.max_delay() {
-                    jobs.push((job, left));
+                    jobs.push((job.into(), left));
                 }
             }
             Ok((Handled::Delivered(outcome), jobs))
+        }
+        Message::FanOut(job) => {
+            let subs = subscriptions.get(&job.tenant_id).map(Vec::as_slice);
+            let report = app.fan_out(sender, &job, subs).await?;
+            Ok((Handled::FannedOut(report), Vec::new()))
         }
         Message::Publish {
             tenant,
             request,
             idempotency_key,
         } => {
-            let accepted = match subscriptions.get(&tenant) {
+            let subs = subscriptions.get(&tenant);
+            let accepted = match subs {
                 Some(subs) => {
                     app.accept_event_with(&tenant, subs, request, idempotency_key)
                         .await?
                 }
                 None => app.accept_event(&tenant, request, idempotency_key).await?,
             };
-            Ok((Handled::Published(accepted.published), accepted.jobs))
+            // Fanned out here and now, while SQS holds the message (should this die first, the
+            // event's fan-out is overdue and the sweep sends it): no trip through the deliveries
+            // queue for a first attempt. A fan-out with a delay (the schedule's first entry)
+            // goes there.
+            let mut report = None;
+            let mut jobs = Vec::new();
+            for (job, delay) in accepted.jobs {
+                match job {
+                    Job::FanOut(fan_out) if delay.is_zero() => {
+                        report = Some(
+                            app.fan_out(sender, &fan_out, subs.map(Vec::as_slice))
+                                .await?,
+                        );
+                    }
+                    other => jobs.push((other, delay)),
+                }
+            }
+            Ok((Handled::Published(accepted.published, report), jobs))
         }
     }
 }
@@ -325,7 +358,8 @@ fn log_handled(handled: &Handled) {
             tracing::info!(due = %at, "job arrived before its delivery is due; sent back for then (the sweep's, if beyond the queue's longest delay)")
         }
         Handled::Delivered(outcome) => tracing::debug!(?outcome, "job handled"),
-        Handled::Published(p) => tracing::info!(
+        Handled::FannedOut(r) => tracing::debug!(?r, "fan-out job handled"),
+        Handled::Published(p, _) => tracing::info!(
             event = %p.event_id,
             created = p.created,
             deliveries = p.deliveries,

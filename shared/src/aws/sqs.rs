@@ -1,7 +1,9 @@
 //! [`SqsQueue`]: the [`DeliveryQueue`] over an SQS standard queue (the "deliveries" queue).
 //!
 //! Each job becomes one message: body `{"tenantId":"…","deliveryId":"…"}` (the [`DeliveryJob`]
-//! JSON), String attribute [`KIND_ATTRIBUTE`] = [`DELIVERY_JOB_KIND`], and `DelaySeconds` = the
+//! JSON) with String attribute [`KIND_ATTRIBUTE`] = [`DELIVERY_JOB_KIND`], or
+//! `{"tenantId":"…","eventId":"…","recovery":true?}` (the [`FanOutJob`] JSON) with
+//! [`FAN_OUT_JOB_KIND`]; and `DelaySeconds` = the
 //! job's delay rounded *up* to whole seconds, so a job never arrives before its delivery is due.
 //! Jobs go out in `SendMessageBatch` calls of 10 (the SQS limit), several batches at once.
 
@@ -11,9 +13,11 @@ use aws_sdk_sqs::error::{DisplayErrorContext, SdkError};
 use aws_sdk_sqs::operation::send_message_batch::SendMessageBatchError;
 use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
 
-use super::messages::{DELIVERY_JOB_KIND, KIND_ATTRIBUTE};
+use super::messages::{DELIVERY_JOB_KIND, FAN_OUT_JOB_KIND, KIND_ATTRIBUTE};
 use crate::concurrency::join_bounded;
-use crate::ports::{DeliveryJob, DeliveryQueue, QueueError};
+#[cfg(doc)]
+use crate::ports::{DeliveryJob, FanOutJob};
+use crate::ports::{DeliveryQueue, Job, QueueError};
 
 /// SQS holds a message back for at most 15 minutes (`DelaySeconds` ≤ 900).
 pub const SQS_MAX_DELAY: Duration = Duration::from_secs(900);
@@ -92,15 +96,24 @@ pub fn delay_seconds(delay: Duration) -> i32 {
     i32::try_from(secs.min(SQS_MAX_DELAY.as_secs())).unwrap_or(i32::MAX)
 }
 
-/// Message body of a job: its camelCase JSON.
-pub fn job_body(job: &DeliveryJob) -> String {
-    // A struct of two strings: serialization cannot fail.
-    serde_json::to_string(job).unwrap_or_default()
+/// Message body and [`KIND_ATTRIBUTE`] of a job: its camelCase JSON, and what it is.
+pub fn job_body(job: &Job) -> (String, &'static str) {
+    // Structs of strings and a bool: serialization cannot fail.
+    match job {
+        Job::Deliver(job) => (
+            serde_json::to_string(job).unwrap_or_default(),
+            DELIVERY_JOB_KIND,
+        ),
+        Job::FanOut(job) => (
+            serde_json::to_string(job).unwrap_or_default(),
+            FAN_OUT_JOB_KIND,
+        ),
+    }
 }
 
 /// The `SendMessageBatch` entries for `jobs`, [`SQS_BATCH_SIZE`] per batch, in order.
 pub fn batch_entries(
-    jobs: &[(DeliveryJob, Duration)],
+    jobs: &[(Job, Duration)],
 ) -> Result<Vec<Vec<SendMessageBatchRequestEntry>>, SqsSendError> {
     jobs.chunks(SQS_BATCH_SIZE)
         .map(|chunk| {
@@ -115,18 +128,19 @@ pub fn batch_entries(
 
 fn entry(
     index: usize,
-    job: &DeliveryJob,
+    job: &Job,
     delay: Duration,
 ) -> Result<SendMessageBatchRequestEntry, SqsSendError> {
+    let (body, kind) = job_body(job);
     let kind = MessageAttributeValue::builder()
         .data_type("String")
-        .string_value(DELIVERY_JOB_KIND)
+        .string_value(kind)
         .build()
         .map_err(SqsSendError::Encode)?;
     SendMessageBatchRequestEntry::builder()
         // Unique within its batch is all SQS asks of an entry id.
         .id(index.to_string())
-        .message_body(job_body(job))
+        .message_body(body)
         .delay_seconds(delay_seconds(delay))
         .message_attributes(KIND_ATTRIBUTE, kind)
         .build()
@@ -140,7 +154,7 @@ impl DeliveryQueue for SqsQueue {
 
     /// Sends every job; an error if any batch call failed or any entry was refused. The jobs that
     /// did go out stay out: the store's due times make the sweep send the rest.
-    async fn enqueue(&self, jobs: Vec<(DeliveryJob, Duration)>) -> Result<(), QueueError> {
+    async fn enqueue(&self, jobs: Vec<(Job, Duration)>) -> Result<(), QueueError> {
         let batches = batch_entries(&jobs).map_err(|e| QueueError(Box::new(e)))?;
         let results = join_bounded(
             batches.into_iter().map(|batch| self.send_batch(batch)),
@@ -167,7 +181,8 @@ impl DeliveryQueue for SqsQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{DeliveryId, TenantId};
+    use crate::domain::{DeliveryId, EventId, TenantId};
+    use crate::ports::{DeliveryJob, FanOutJob};
 
     #[test]
     fn delays_round_up_to_whole_seconds_and_clamp_at_900() {
@@ -186,17 +201,21 @@ mod tests {
         assert_eq!(delay_seconds(Duration::MAX), 900);
     }
 
-    fn job() -> DeliveryJob {
+    fn delivery_job() -> DeliveryJob {
         DeliveryJob {
             tenant_id: TenantId::parse("acme").unwrap(),
             delivery_id: DeliveryId::generate(),
         }
     }
 
+    fn job() -> Job {
+        delivery_job().into()
+    }
+
     #[test]
     fn entries_carry_the_job_json_the_kind_and_the_rounded_delay() {
-        let j = job();
-        let e = entry(7, &j, Duration::from_millis(1500)).unwrap();
+        let j = delivery_job();
+        let e = entry(7, &j.clone().into(), Duration::from_millis(1500)).unwrap();
         assert_eq!(e.id(), "7");
         assert_eq!(e.delay_seconds(), Some(2));
         let body: serde_json::Value = serde_json::from_str(e.message_body()).unwrap();
@@ -209,6 +228,23 @@ mod tests {
         let kind = &e.message_attributes().unwrap()[KIND_ATTRIBUTE];
         assert_eq!(kind.data_type(), "String");
         assert_eq!(kind.string_value(), Some(DELIVERY_JOB_KIND));
+    }
+
+    #[test]
+    fn fan_out_entries_carry_their_own_kind() {
+        let j = FanOutJob {
+            tenant_id: TenantId::parse("acme").unwrap(),
+            event_id: EventId::parse("order-1").unwrap(),
+            recovery: true,
+        };
+        let e = entry(0, &j.clone().into(), Duration::ZERO).unwrap();
+        let body: serde_json::Value = serde_json::from_str(e.message_body()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"tenantId": "acme", "eventId": "order-1", "recovery": true})
+        );
+        let kind = &e.message_attributes().unwrap()[KIND_ATTRIBUTE];
+        assert_eq!(kind.string_value(), Some(FAN_OUT_JOB_KIND));
     }
 
     #[test]
@@ -235,7 +271,10 @@ mod tests {
             .collect();
         let expected: Vec<(DeliveryJob, Option<i32>)> = jobs
             .iter()
-            .map(|(j, d)| (j.clone(), Some(delay_seconds(*d))))
+            .map(|(j, d)| match j {
+                Job::Deliver(j) => (j.clone(), Some(delay_seconds(*d))),
+                Job::FanOut(_) => unreachable!(),
+            })
             .collect();
         assert_eq!(sent, expected, "every job once, in order, with its delay");
         assert_eq!(sent[22].1, Some(900), "22 minutes clamps to 15");

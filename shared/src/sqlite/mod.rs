@@ -20,13 +20,14 @@ use crate::domain::{
     Timestamp,
 };
 use crate::ports::{
-    DueDelivery, InsertOutcome, NewEvent, Page, PageRequest, Store, StoreError, StoreResult,
+    DueDelivery, DueFanOut, InsertOutcome, NewEvent, Page, PageRequest, Store, StoreError,
+    StoreResult,
 };
 
 use engine::Engine;
 
 /// Bumped with every schema change; `open` migrates older files forward.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -81,6 +82,13 @@ CREATE INDEX deliveries_by_subscription
     ON deliveries (tenant_id, subscription_id, created_at, id);
 ";
 
+/// Version 3: an event owes its fan-out until it is marked done; `fan_out_due_at` is when the
+/// sweep should do it should its job be lost (NULL: done). Events stored before owe none.
+const SCHEMA_V3: &str = "
+ALTER TABLE events ADD COLUMN fan_out_due_at INTEGER;
+CREATE INDEX events_fan_out_due ON events (fan_out_due_at) WHERE fan_out_due_at IS NOT NULL;
+";
+
 /// A [`Store`] over one SQLite database. Clones share the connections and their threads, which
 /// stop (after finishing the calls already queued) when the last clone is dropped.
 #[derive(Debug, Clone)]
@@ -126,9 +134,17 @@ impl SqliteStore {
     /// After a crash, for the single-process local runner only (it holds an exclusive lock on its
     /// data directory, so no live worker owns any lease and the in-memory queue is gone): every
     /// unfinished delivery is released from its lease and becomes due at its next attempt time
-    /// (or now), so the sweep sends it again. Returns how many were touched.
+    /// (or now), and every event whose fan-out was not done is due now, so the sweep sends them
+    /// again. Returns how many were touched.
     pub async fn recover_after_restart(&self, now: Timestamp) -> Result<usize, StoreError> {
         self.write(move |conn| {
+            let fan_outs = conn
+                .prepare_cached(
+                    "UPDATE events SET fan_out_due_at = ?1
+                     WHERE fan_out_due_at IS NOT NULL AND fan_out_due_at > ?1",
+                )
+                .and_then(|mut stmt| stmt.execute([now.unix_millis()]))
+                .map_err(StoreError::unavailable)?;
             // Unfinished deliveries that are not held are all in the due index.
             let recovered: Vec<(Delivery, u64)> = {
                 let mut stmt = conn
@@ -149,7 +165,7 @@ impl SqliteStore {
             for (next, expected) in &recovered {
                 write_delivery(conn, &DeliveryWrite::new(next, *expected)?)?;
             }
-            Ok(recovered.len())
+            Ok(recovered.len() + fan_outs)
         })
         .await
     }
@@ -173,6 +189,10 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     if version < 2 {
         tx.execute_batch(SCHEMA_V2)
+            .map_err(StoreError::unavailable)?;
+    }
+    if version < 3 {
+        tx.execute_batch(SCHEMA_V3)
             .map_err(StoreError::unavailable)?;
     }
     if version < SCHEMA_VERSION {
@@ -313,14 +333,14 @@ fn write_delivery(conn: &Connection, w: &DeliveryWrite) -> StoreResult<()> {
     }
 }
 
-/// The event and its deliveries, all or nothing (the caller's savepoint undoes a partial insert).
+/// The event (and its idempotency key), only if new.
 fn insert_event(
     conn: &Connection,
     tenant: &TenantId,
     event_id: EventId,
     key: Option<&str>,
     event_body: &str,
-    deliveries: &[(Delivery, String)],
+    fan_out_due_at: Option<i64>,
 ) -> StoreResult<InsertOutcome> {
     if let Some(key) = key {
         let seen: Option<String> = conn
@@ -347,35 +367,23 @@ fn insert_event(
             fingerprint,
         });
     }
-    conn.prepare_cached("INSERT INTO events (tenant_id, id, body) VALUES (?1, ?2, ?3)")
-        .and_then(|mut stmt| stmt.execute(params![tenant.as_str(), event_id.as_str(), event_body]))
-        .map_err(StoreError::unavailable)?;
+    conn.prepare_cached(
+        "INSERT INTO events (tenant_id, id, body, fan_out_due_at) VALUES (?1, ?2, ?3, ?4)",
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            tenant.as_str(),
+            event_id.as_str(),
+            event_body,
+            fan_out_due_at
+        ])
+    })
+    .map_err(StoreError::unavailable)?;
     if let Some(key) = key {
         conn.prepare_cached(
             "INSERT INTO idempotency_keys (tenant_id, key, event_id) VALUES (?1, ?2, ?3)",
         )
         .and_then(|mut stmt| stmt.execute(params![tenant.as_str(), key, event_id.as_str()]))
-        .map_err(StoreError::unavailable)?;
-    }
-    // A delivery that exists already (its id is derived) stays as it is.
-    let mut stmt = conn
-        .prepare_cached(
-            "INSERT INTO deliveries
-                 (tenant_id, id, subscription_id, version, due_at, created_at, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT (tenant_id, id) DO NOTHING",
-        )
-        .map_err(StoreError::unavailable)?;
-    for (d, body) in deliveries {
-        stmt.execute(params![
-            d.tenant_id().as_str(),
-            d.id().as_str(),
-            d.subscription_id().as_str(),
-            d.version(),
-            millis(d.due_at()),
-            d.created_at().unix_millis(),
-            body,
-        ])
         .map_err(StoreError::unavailable)?;
     }
     Ok(InsertOutcome::Created)
@@ -570,20 +578,136 @@ impl Store for SqliteStore {
         let event_id = new.event.id.clone();
         let key = new.idempotency_key.clone();
         let event_body = encode(&new.event)?;
-        let deliveries = new
-            .deliveries
-            .iter()
-            .map(|d| Ok((d.clone(), encode(d)?)))
-            .collect::<StoreResult<Vec<_>>>()?;
+        let due = millis(new.fan_out_due_at);
         self.write(move |conn| {
-            insert_event(
+            insert_event(conn, &tenant, event_id, key.as_deref(), &event_body, due)
+        })
+        .await
+    }
+
+    async fn fanned_out(&self, tenant: &TenantId, id: &EventId) -> StoreResult<()> {
+        let (tenant, id) = (tenant.clone(), id.clone());
+        self.write(move |conn| {
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE events SET fan_out_due_at = NULL WHERE tenant_id = ?1 AND id = ?2",
+                )
+                .and_then(|mut stmt| stmt.execute(params![tenant.as_str(), id.as_str()]))
+                .map_err(StoreError::unavailable)?;
+            if changed == 0 {
+                return Err(StoreError::NotFound);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn due_fan_outs(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<DueFanOut>> {
+        let rows: Vec<(String, String, i64)> = self
+            .read(move |conn| {
+                let mut stmt = conn
+                    .prepare_cached(
+                        "SELECT tenant_id, id, fan_out_due_at FROM events
+                         WHERE fan_out_due_at IS NOT NULL AND fan_out_due_at <= ?1
+                         ORDER BY fan_out_due_at LIMIT ?2",
+                    )
+                    .map_err(StoreError::unavailable)?;
+                let rows = stmt
+                    .query_map(params![now.unix_millis(), limit], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                    })
+                    .map_err(StoreError::unavailable)?;
+                rows.collect::<Result<_, _>>()
+                    .map_err(StoreError::unavailable)
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(tenant, id, due_at)| {
+                Ok(DueFanOut {
+                    tenant_id: TenantId::parse(&tenant).map_err(StoreError::unavailable)?,
+                    event_id: EventId::parse(&id).map_err(StoreError::unavailable)?,
+                    due_at: Timestamp::from_unix_millis(due_at),
+                })
+            })
+            .collect()
+    }
+
+    async fn claim_fan_out(&self, due: &DueFanOut, next: Timestamp) -> StoreResult<()> {
+        let due = due.clone();
+        self.write(move |conn| {
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE events SET fan_out_due_at = ?1
+                     WHERE tenant_id = ?2 AND id = ?3 AND fan_out_due_at = ?4",
+                )
+                .and_then(|mut stmt| {
+                    stmt.execute(params![
+                        next.unix_millis(),
+                        due.tenant_id.as_str(),
+                        due.event_id.as_str(),
+                        due.due_at.unix_millis()
+                    ])
+                })
+                .map_err(StoreError::unavailable)?;
+            if changed == 1 {
+                return Ok(());
+            }
+            let now_due: Option<Option<i64>> = conn
+                .prepare_cached(
+                    "SELECT fan_out_due_at FROM events WHERE tenant_id = ?1 AND id = ?2",
+                )
+                .and_then(|mut stmt| {
+                    stmt.query_row(
+                        params![due.tenant_id.as_str(), due.event_id.as_str()],
+                        |row| row.get(0),
+                    )
+                    .optional()
+                })
+                .map_err(StoreError::unavailable)?;
+            match now_due {
+                None | Some(None) => Err(StoreError::NotFound),
+                Some(Some(_)) => Err(StoreError::Conflict),
+            }
+        })
+        .await
+    }
+
+    async fn insert_delivery(&self, delivery: &Delivery) -> StoreResult<()> {
+        let d = delivery.clone();
+        let body = encode(delivery)?;
+        self.write(move |conn| {
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO deliveries
+                         (tenant_id, id, subscription_id, version, due_at, created_at, body)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (tenant_id, id) DO NOTHING",
+                )
+                .and_then(|mut stmt| {
+                    stmt.execute(params![
+                        d.tenant_id().as_str(),
+                        d.id().as_str(),
+                        d.subscription_id().as_str(),
+                        d.version(),
+                        millis(d.due_at()),
+                        d.created_at().unix_millis(),
+                        body,
+                    ])
+                })
+                .map_err(StoreError::unavailable)?;
+            if inserted == 1 {
+                return Ok(());
+            }
+            // This very write, repeated (it committed before), is no conflict.
+            let stored = query_body(
                 conn,
-                &tenant,
-                event_id,
-                key.as_deref(),
-                &event_body,
-                &deliveries,
-            )
+                "SELECT body FROM deliveries WHERE tenant_id = ?1 AND id = ?2",
+                params![d.tenant_id().as_str(), d.id().as_str()],
+            )?;
+            match stored {
+                Some(stored) if stored == body => Ok(()),
+                _ => Err(StoreError::Conflict),
+            }
         })
         .await
     }
