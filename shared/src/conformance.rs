@@ -286,7 +286,10 @@ async fn insert_all<S: Store>(store: &S, subscriptions: &[&Subscription]) {
 /// Stores the event, then its deliveries, as a publish and its fan-out do.
 pub async fn created<S: Store>(store: &S, new: &TestEvent) {
     assert_eq!(
-        store.insert_event(&new.new_event()).await.expect("insert event"),
+        store
+            .insert_event(&new.new_event())
+            .await
+            .expect("insert event"),
         InsertOutcome::Created,
         "a new event is created"
     );
@@ -649,7 +652,10 @@ pub async fn known_idempotency_key_returns_first_event<S: Store>(store: &S) {
     // A retried publish: new event id, same key.
     let mut retry = new_event(&a, &[&s], ts(20), r#"{"n":2}"#);
     retry.idempotency_key = Some("retry-me".into());
-    assert_eq!(store.insert_event(&retry.new_event()).await.unwrap(), existing);
+    assert_eq!(
+        store.insert_event(&retry.new_event()).await.unwrap(),
+        existing
+    );
     assert_eq!(store.get_event(&a, &retry.event.id).await.unwrap(), None);
     assert_eq!(
         store
@@ -670,7 +676,10 @@ pub async fn known_idempotency_key_returns_first_event<S: Store>(store: &S) {
 
     // The same retry again, this time with the first event id too.
     let same = first.clone();
-    assert_eq!(store.insert_event(&same.new_event()).await.unwrap(), existing);
+    assert_eq!(
+        store.insert_event(&same.new_event()).await.unwrap(),
+        existing
+    );
     assert_eq!(first_page(store, &a, &s.id).await, first.deliveries);
 }
 

@@ -147,7 +147,7 @@ async fn create_table_is_idempotent_and_sets_ttl_and_indexes() {
     let a = tenant("a");
     let new = new_event(&a, &[], ts(5_000), "{}");
     assert_eq!(
-        store.insert_event(&new).await.unwrap(),
+        store.insert_event(&new.new_event()).await.unwrap(),
         InsertOutcome::Created
     );
     let item = client
@@ -190,7 +190,7 @@ async fn sweep_reads_a_sparse_index_sharded_and_merged_in_due_order() {
         d.id().clone()
     };
     assert_eq!(
-        store.insert_event(&new).await.unwrap(),
+        store.insert_event(&new.new_event()).await.unwrap(),
         InsertOutcome::Created
     );
 
@@ -263,7 +263,7 @@ async fn an_event_with_more_deliveries_than_a_transaction_holds_is_written_whole
     let mut new = new_event(&a, &all, ts(10), r#"{"fan":"out"}"#);
     new.idempotency_key = Some("big-one".into());
     assert_eq!(
-        store.insert_event(&new).await.unwrap(),
+        store.insert_event(&new.new_event()).await.unwrap(),
         InsertOutcome::Created
     );
     assert_eq!(
@@ -300,13 +300,19 @@ async fn an_event_with_more_deliveries_than_a_transaction_holds_is_written_whole
     // A retried publish (new event id, so new delivery ids, same key) writes no second set.
     let mut retry = new_event(&a, &all, ts(20), "{}");
     retry.idempotency_key = Some("big-one".into());
-    assert_eq!(store.insert_event(&retry).await.unwrap(), existing);
+    assert_eq!(
+        store.insert_event(&retry.new_event()).await.unwrap(),
+        existing
+    );
     // And with the same event id but no key: the same deliveries, left as they are.
     let mut same_id = new_event(&a, &all[..120], ts(30), "{}");
     same_id.event.id = new.event.id.clone();
     same_id.event.fingerprint = new.event.fingerprint.clone();
     same_id.deliveries = deliveries_of(&same_id.event, &all[..120], ts(30));
-    assert_eq!(store.insert_event(&same_id).await.unwrap(), existing);
+    assert_eq!(
+        store.insert_event(&same_id.new_event()).await.unwrap(),
+        existing
+    );
     for d in &retry.deliveries {
         assert_eq!(store.get_delivery(&a, d.id()).await.unwrap(), None);
     }
@@ -323,7 +329,11 @@ async fn an_event_with_more_deliveries_than_a_transaction_holds_is_written_whole
     // told apart, so both may say so; their jobs then meet one delivery), and one set of
     // deliveries exists.
     let twice = new_event(&a, &all[..110], ts(40), "{}");
-    let (r1, r2) = tokio::join!(store.insert_event(&twice), store.insert_event(&twice));
+    let twice_new = twice.new_event();
+    let (r1, r2) = tokio::join!(
+        store.insert_event(&twice_new),
+        store.insert_event(&twice_new)
+    );
     let outcomes = [r1.unwrap(), r2.unwrap()];
     assert!(outcomes.contains(&InsertOutcome::Created), "{outcomes:?}");
     for outcome in &outcomes {

@@ -83,7 +83,10 @@ async fn jobs_arrive_with_their_kind_and_never_before_their_delay() {
         .map(|(j, d)| (j.delivery_id.clone(), *d))
         .collect();
     let started = Instant::now();
-    queue.enqueue(jobs).await.expect("enqueue");
+    queue
+        .enqueue(jobs.into_iter().map(|(j, d)| (j.into(), d)).collect())
+        .await
+        .expect("enqueue");
 
     let mut received: HashMap<DeliveryId, Duration> = HashMap::new();
     let mut order: Vec<Duration> = Vec::new();
@@ -181,7 +184,7 @@ async fn a_send_that_fails_is_a_queue_error() {
         .expect("DeleteQueue");
     let queue = SqsQueue::new(client, url);
     let err = queue
-        .enqueue(vec![(job(), Duration::ZERO)])
+        .enqueue(vec![(job().into(), Duration::ZERO)])
         .await
         .expect_err("sending to a deleted queue fails");
     assert!(err.to_string().contains("SendMessageBatch"), "{err}");

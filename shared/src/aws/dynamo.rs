@@ -1239,7 +1239,11 @@ impl Store for DynamoStore {
 
     async fn due_fan_outs(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<DueFanOut>> {
         let rows = self
-            .due_rows(now, limit, FAN_OUT_SHARD_BASE..FAN_OUT_SHARD_BASE + DUE_SHARDS as u16)
+            .due_rows(
+                now,
+                limit,
+                FAN_OUT_SHARD_BASE..FAN_OUT_SHARD_BASE + u16::from(DUE_SHARDS),
+            )
             .await?;
         rows.into_iter()
             .map(|(pk, due_at)| {
@@ -1258,7 +1262,10 @@ impl Store for DynamoStore {
             .client
             .update_item()
             .table_name(&self.table)
-            .key(PK, AttributeValue::S(event_pk(&due.tenant_id, &due.event_id)))
+            .key(
+                PK,
+                AttributeValue::S(event_pk(&due.tenant_id, &due.event_id)),
+            )
             .update_expression("SET #d = :next")
             .condition_expression("#d = :expected")
             .expression_attribute_names("#d", DUE_AT)
@@ -1356,7 +1363,7 @@ impl Store for DynamoStore {
     }
 
     async fn due_deliveries(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<DueDelivery>> {
-        let rows = self.due_rows(now, limit, 0..DUE_SHARDS as u16).await?;
+        let rows = self.due_rows(now, limit, 0..u16::from(DUE_SHARDS)).await?;
         rows.into_iter()
             .map(|(pk, due_at)| {
                 let (tenant_id, delivery_id) = parse_delivery_pk(&pk)?;
@@ -1412,11 +1419,21 @@ mod tests {
         // FNV-1a is fixed: a delivery must keep its shard across builds.
         let id = DeliveryId::parse("dlv_01hf2gn0h3c0y8mp0fqzjaxyqw").unwrap();
         assert_eq!(due_shard(&id), due_shard(&id.clone()));
-        let used: std::collections::HashSet<u8> = (0..4_000)
+        let used: std::collections::HashSet<u16> = (0..4_000)
             .map(|_| due_shard(&DeliveryId::generate()))
             .collect();
         assert_eq!(used.len(), usize::from(DUE_SHARDS));
-        assert!(used.iter().all(|s| *s < DUE_SHARDS));
+        assert!(used.iter().all(|s| *s < u16::from(DUE_SHARDS)));
+        let events: std::collections::HashSet<u16> = (0..4_000)
+            .map(|_| fan_out_shard(&EventId::generate()))
+            .collect();
+        assert_eq!(events.len(), usize::from(DUE_SHARDS));
+        assert!(
+            events.iter().all(
+                |s| (FAN_OUT_SHARD_BASE..FAN_OUT_SHARD_BASE + u16::from(DUE_SHARDS)).contains(s)
+            ),
+            "events owing a fan-out have shards of their own"
+        );
     }
 
     #[test]
@@ -1451,7 +1468,13 @@ mod tests {
     fn event_data_is_a_string_attribute_kept_byte_for_byte() {
         let store = store().with_retention(Duration::from_secs(10));
         let e = event(&tenant("a"), ts(0), "{ \"b\":1,\n\"a\" : [1.50e+2] }");
-        let item = store.event_item(&e).unwrap();
+        let new = NewEvent {
+            event: e.clone(),
+            idempotency_key: None,
+            fan_out_due_at: None,
+        };
+        let item = store.event_item(&new).unwrap();
+        assert!(!item.contains_key(DUE_AT), "owes no fan-out");
         assert_eq!(
             item[TTL_ATTRIBUTE],
             AttributeValue::N((e.received_at.unix_seconds() + 10).to_string())

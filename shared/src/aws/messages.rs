@@ -395,7 +395,8 @@ mod tests {
         Subscription, SubscriptionId, SubscriptionStatus, Timestamp,
     };
     use crate::ports::{
-        DueDelivery, FakeClock, InsertOutcome, NewEvent, Page, PageRequest, QueueError, StoreResult,
+        DueDelivery, DueFanOut, FakeClock, InsertOutcome, NewEvent, Page, PageRequest, QueueError,
+        StoreResult,
     };
     use crate::sender::{OutboundRequest, SendOutcome};
 
@@ -487,10 +488,24 @@ mod tests {
             }
             mem.events
                 .push((new.event.clone(), new.idempotency_key.clone()));
-            for d in &new.deliveries {
-                mem.deliveries.insert(d.id().clone(), d.clone());
-            }
             Ok(InsertOutcome::Created)
+        }
+        async fn fanned_out(&self, _tenant: &TenantId, _id: &EventId) -> StoreResult<()> {
+            Ok(())
+        }
+        async fn due_fan_outs(&self, _now: Timestamp, _limit: u32) -> StoreResult<Vec<DueFanOut>> {
+            Ok(Vec::new())
+        }
+        async fn claim_fan_out(&self, _due: &DueFanOut, _next: Timestamp) -> StoreResult<()> {
+            Err(StoreError::NotFound)
+        }
+        async fn insert_delivery(&self, d: &Delivery) -> StoreResult<()> {
+            let mut mem = self.mem();
+            if mem.deliveries.contains_key(d.id()) {
+                return Err(StoreError::Conflict);
+            }
+            mem.deliveries.insert(d.id().clone(), d.clone());
+            Ok(())
         }
         async fn get_event(&self, tenant: &TenantId, id: &EventId) -> StoreResult<Option<Event>> {
             Ok(self
@@ -547,13 +562,13 @@ mod tests {
 
     #[derive(Default)]
     /// The jobs enqueued, and how many enqueue calls brought them.
-    struct MemQueue(Mutex<Vec<(DeliveryJob, Duration)>>, AtomicUsize);
+    struct MemQueue(Mutex<Vec<(Job, Duration)>>, AtomicUsize);
 
     impl DeliveryQueue for MemQueue {
         fn max_delay(&self) -> Duration {
             Duration::from_secs(900)
         }
-        async fn enqueue(&self, jobs: Vec<(DeliveryJob, Duration)>) -> Result<(), QueueError> {
+        async fn enqueue(&self, jobs: Vec<(Job, Duration)>) -> Result<(), QueueError> {
             self.0.lock().unwrap().extend(jobs);
             self.1.fetch_add(1, Ordering::Relaxed);
             Ok(())
@@ -826,10 +841,26 @@ mod tests {
         .unwrap();
         assert!(matches!(
             published,
-            Handled::Published(Published { deliveries: 1, .. })
+            Handled::Published(
+                Published { deliveries: 1, .. },
+                Some(FanOutReport {
+                    created: 1,
+                    delivered: 1,
+                    ..
+                })
+            )
         ));
-        let (job, delay) = app.queue.0.lock().unwrap().pop().unwrap();
-        assert_eq!(delay, Duration::ZERO);
+        assert_eq!(receiver.0.lock().unwrap().len(), 1, "sent at once");
+        assert!(
+            app.queue.0.lock().unwrap().is_empty(),
+            "a first attempt takes no trip through the deliveries queue"
+        );
+        let made = app.store.mem().deliveries.values().next().unwrap().clone();
+        assert_eq!(made.status().as_str(), "succeeded");
+        let job = DeliveryJob {
+            tenant_id: tenant(),
+            delivery_id: made.id().clone(),
+        };
 
         let down = DeliveryJob {
             tenant_id: tenant(),
@@ -849,11 +880,8 @@ mod tests {
         let mut failed = process_messages(&app, &receiver, messages, 16).await;
         failed.sort();
         assert_eq!(failed, ["bad-job", "down"]);
-        assert_eq!(receiver.0.lock().unwrap().len(), 1, "one signed POST");
-        let delivered = app.store.mem().deliveries[&job.delivery_id].clone();
-        assert_eq!(delivered.status().as_str(), "succeeded");
 
-        // A duplicate of the job (SQS is at-least-once) is done without a second POST.
+        // A job for a finished delivery (a duplicate: SQS is at-least-once) sends nothing.
         let again = handle_message(&app, &receiver, &job_message("dup", &job))
             .await
             .unwrap();
@@ -901,20 +929,25 @@ mod tests {
                 .await
                 .is_empty()
         );
-        assert!(
-            receiver.0.lock().unwrap().is_empty(),
-            "nothing is sent early"
+        assert_eq!(
+            receiver.0.lock().unwrap().len(),
+            1,
+            "the event's delivery only: nothing is sent early"
         );
         let sent = app.queue.0.lock().unwrap().clone();
         assert_eq!(
             app.queue.1.load(Ordering::Relaxed),
             1,
-            "the early jobs go out with the event's job, in one enqueue"
+            "the early jobs go out together, in one enqueue"
         );
-        assert_eq!(sent.len(), 3, "{sent:?}");
-        assert!(sent.contains(&(soon, Duration::from_secs(30))), "{sent:?}");
-        assert!(sent.contains(&(at_the_limit, Duration::from_secs(900))));
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        assert!(
+            sent.contains(&(soon.into(), Duration::from_secs(30))),
+            "{sent:?}"
+        );
+        assert!(sent.contains(&(at_the_limit.into(), Duration::from_secs(900))));
         // Beyond SQS's 15 minutes the sweep sends it from its due time in the store.
+        let beyond = Job::from(beyond);
         assert!(sent.iter().all(|(j, _)| j != &beyond));
 
         // One record alone (handle_message) sends its early job back too.
@@ -928,7 +961,7 @@ mod tests {
         ));
         assert_eq!(
             app.queue.0.lock().unwrap().last(),
-            Some(&(alone, Duration::from_secs(5)))
+            Some(&(alone.into(), Duration::from_secs(5)))
         );
     }
 

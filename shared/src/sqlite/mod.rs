@@ -907,7 +907,7 @@ mod tests {
             let store = SqliteStore::open(&path).unwrap();
             store.insert_subscription(&sub).await.unwrap();
             assert_eq!(
-                store.insert_event(&new).await.unwrap(),
+                store.insert_event(&new.new_event()).await.unwrap(),
                 InsertOutcome::Created
             );
         }
@@ -1009,7 +1009,7 @@ mod tests {
         let t0 = ts(10_000);
         let new = new_event(&a, &subs.iter().collect::<Vec<_>>(), t0, "{}");
         assert_eq!(
-            store.insert_event(&new).await.unwrap(),
+            store.insert_event(&new.new_event()).await.unwrap(),
             InsertOutcome::Created
         );
         let [idle, leased, finished, held] = new.deliveries.as_slice() else {
@@ -1074,7 +1074,7 @@ mod tests {
         let sub = subscription(&a, ts(1_000));
         store.insert_subscription(&sub).await.unwrap();
         let first = new_event(&a, &[&sub], ts(2_000), "{}");
-        store.insert_event(&first).await.unwrap();
+        store.insert_event(&first.new_event()).await.unwrap();
         let contested = first.deliveries[0].clone();
         let twin = subscription(&a, ts(4_000));
 
@@ -1094,13 +1094,19 @@ mod tests {
                     // 80 events with no key: each is new.
                     0 | 1 => {
                         let new = new_event(&a, &[&sub], ts(10_000 + i), "{}");
-                        Answer::Fresh(new.event.id.clone(), store.insert_event(&new).await)
+                        Answer::Fresh(
+                            new.event.id.clone(),
+                            store.insert_event(&new.new_event()).await,
+                        )
                     }
                     // 40 events sharing one idempotency key: one wins, the rest see it.
                     2 => {
                         let mut new = new_event(&a, &[&sub], ts(10_000 + i), "{}");
                         new.idempotency_key = Some("same".into());
-                        Answer::SameKey(new.event.id.clone(), store.insert_event(&new).await)
+                        Answer::SameKey(
+                            new.event.id.clone(),
+                            store.insert_event(&new.new_event()).await,
+                        )
                     }
                     // 40 inserts of one subscription id: one wins, the rest conflict.
                     3 => Answer::Subscription(store.insert_subscription(&twin).await),
@@ -1201,16 +1207,11 @@ mod tests {
         let gate = store.hold_writer();
         let commits = store.commits();
         let (s1, s2, s3) = (store.clone(), store.clone(), store.clone());
-        let (e1, e2, e3) = (before_ok.clone(), broken.clone(), after_ok.clone());
+        let (e1, e2, e3) = (before_ok.new_event(), broken.clone(), after_ok.new_event());
         let first = tokio::spawn(async move { s1.insert_event(&e1).await });
         store.until_submitted(store.submitted() + 1).await;
         let middle = tokio::spawn(async move {
             let event_body = encode(&e2.event)?;
-            let deliveries = e2
-                .deliveries
-                .iter()
-                .map(|d| Ok((d.clone(), encode(d)?)))
-                .collect::<StoreResult<Vec<_>>>()?;
             s2.write(move |conn| {
                 insert_event(
                     conn,
@@ -1218,7 +1219,7 @@ mod tests {
                     e2.event.id.clone(),
                     e2.idempotency_key.as_deref(),
                     &event_body,
-                    &deliveries,
+                    Some(0),
                 )?;
                 Err::<InsertOutcome, _>(StoreError::unavailable("failed after its writes"))
             })
@@ -1263,7 +1264,7 @@ mod tests {
         let mut retry = new_event(&a, &[&sub], ts(2_003), "{}");
         retry.idempotency_key = Some("k".into());
         assert_eq!(
-            store.insert_event(&retry).await.unwrap(),
+            store.insert_event(&retry.new_event()).await.unwrap(),
             InsertOutcome::Created
         );
     }
