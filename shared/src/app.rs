@@ -1342,18 +1342,19 @@ mod tests {
     use crate::ports::{FakeClock, QueueError};
     use crate::sqlite::SqliteStore;
 
+    /// The jobs enqueued, and their delays.
     #[derive(Default)]
-    struct Jobs(Mutex<Vec<Job>>);
+    struct Jobs(Mutex<Vec<Job>>, Mutex<Vec<Duration>>);
 
     impl DeliveryQueue for Jobs {
         fn max_delay(&self) -> Duration {
             Duration::from_secs(900)
         }
         async fn enqueue(&self, jobs: Vec<(Job, Duration)>) -> Result<(), QueueError> {
-            self.0
-                .lock()
-                .unwrap()
-                .extend(jobs.into_iter().map(|(j, _)| j));
+            for (job, delay) in jobs {
+                self.0.lock().unwrap().push(job);
+                self.1.lock().unwrap().push(delay);
+            }
             Ok(())
         }
     }
@@ -1553,20 +1554,23 @@ mod tests {
         taken
     }
 
+    /// The fan-out jobs queued (delivery jobs stay queued).
+    fn take_fan_outs(app: &TestApp) -> Vec<FanOutJob> {
+        let mut queue = app.queue.0.lock().unwrap();
+        let mut taken = Vec::new();
+        queue.retain(|job| match job {
+            Job::FanOut(f) => {
+                taken.push(f.clone());
+                false
+            }
+            Job::Deliver(_) => true,
+        });
+        taken
+    }
+
     /// Runs the queued fan-outs with `sender`; the jobs of the deliveries they made (or found).
     async fn fan_out_queued<H: HttpSender>(app: &TestApp, sender: &H) -> Vec<DeliveryJob> {
-        let fan_outs: Vec<FanOutJob> = {
-            let mut queue = app.queue.0.lock().unwrap();
-            let mut taken = Vec::new();
-            queue.retain(|job| match job {
-                Job::FanOut(f) => {
-                    taken.push(f.clone());
-                    false
-                }
-                Job::Deliver(_) => true,
-            });
-            taken
-        };
+        let fan_outs = take_fan_outs(app);
         let mut made = Vec::new();
         for job in fan_outs {
             app.fan_out(sender, &job, None).await.unwrap();
@@ -1612,14 +1616,12 @@ mod tests {
     async fn a_paused_subscription_holds_its_deliveries_and_gets_them_when_resumed() {
         let (app, a, sub) = app_with_subscription(AppConfig::default()).await;
         app.publish_event(&a, order("{}"), None).await.unwrap();
-        let jobs = take_jobs(&app);
         app.update_subscription(&a, &sub.id, status(SubscriptionStatus::Paused))
             .await
             .unwrap();
 
-        // The job comes while paused: held, not failed, nothing sent.
-        let outcome = app.deliver(&Refuses, &jobs[0]).await.unwrap();
-        assert!(matches!(outcome, DeliverOutcome::Skipped(_)), "{outcome:?}");
+        // The fan-out comes while paused: held, not failed, nothing sent.
+        let jobs = fan_out_queued(&app, &Refuses).await;
         let held = app.get_delivery(&a, &jobs[0].delivery_id).await.unwrap();
         assert_eq!(held.status(), DeliveryStatus::Held);
         assert_eq!(held.attempt_count(), 0);
@@ -1639,11 +1641,10 @@ mod tests {
     async fn a_held_delivery_a_resume_missed_is_released_at_its_recheck() {
         let (app, a, sub) = app_with_subscription(AppConfig::default()).await;
         app.publish_event(&a, order("{}"), None).await.unwrap();
-        let jobs = take_jobs(&app);
         app.update_subscription(&a, &sub.id, status(SubscriptionStatus::Paused))
             .await
             .unwrap();
-        app.deliver(&Refuses, &jobs[0]).await.unwrap();
+        let jobs = fan_out_queued(&app, &Refuses).await;
         // Resumed by a write the release did not follow (as when the resume's list lagged).
         let mut active = app.get_subscription(&a, &sub.id).await.unwrap();
         active.status = SubscriptionStatus::Active;
@@ -1678,8 +1679,8 @@ mod tests {
             .await
             .unwrap();
         app.publish_event(&a, order("{}"), None).await.unwrap();
-        let job = take_jobs(&app).remove(0);
-        app.deliver(&Refuses, &job).await.unwrap();
+        // Fanned out while paused: held, nothing sent.
+        let job = fan_out_queued(&app, &Refuses).await.remove(0);
         app.clock.advance(HOLD_RECHECK);
         assert_eq!(app.sweep_due().await.unwrap().enqueued, 1);
         app.deliver(&Refuses, &take_jobs(&app)[0]).await.unwrap();
@@ -1709,8 +1710,8 @@ mod tests {
             .await
             .unwrap();
         app.publish_event(&a, order("{}"), None).await.unwrap();
-        let job = take_jobs(&app).remove(0);
-        app.deliver(&Refuses, &job).await.unwrap();
+        // Fanned out while paused: held, nothing sent.
+        let job = fan_out_queued(&app, &Refuses).await.remove(0);
         app.clock.advance(HOLD_RECHECK);
         app.sweep_due().await.unwrap();
         app.deliver(&Refuses, &take_jobs(&app)[0]).await.unwrap();
@@ -1744,8 +1745,8 @@ mod tests {
             .await
             .unwrap();
         app.publish_event(&a, order("{}"), None).await.unwrap();
-        let job = take_jobs(&app).remove(0);
-        app.deliver(&Refuses, &job).await.unwrap();
+        // Fanned out while paused: held, nothing sent.
+        let job = fan_out_queued(&app, &Refuses).await.remove(0);
         for _ in 0..6 {
             app.clock.advance(HOLD_SAFETY_RECHECK);
             app.sweep_due().await.unwrap();
@@ -1772,11 +1773,10 @@ mod tests {
         ] {
             let (app, a, sub) = app_with_subscription(AppConfig::default()).await;
             app.publish_event(&a, order("{}"), None).await.unwrap();
-            let jobs = take_jobs(&app);
             app.update_subscription(&a, &sub.id, status(SubscriptionStatus::Paused))
                 .await
                 .unwrap();
-            app.deliver(&Refuses, &jobs[0]).await.unwrap();
+            let jobs = fan_out_queued(&app, &Refuses).await;
             match end {
                 None => app.delete_subscription(&a, &sub.id).await.unwrap(),
                 Some(s) => {
@@ -1830,16 +1830,21 @@ mod tests {
     async fn a_resend_keeps_the_id_refuses_unfinished_deliveries_and_is_bounded() {
         let (app, a, _) = app_with_subscription(AppConfig::default()).await;
         app.publish_event(&a, order("{}"), None).await.unwrap();
-        let job = take_jobs(&app).remove(0);
+        let job = fan_out_queued(&app, &Answers(503)).await.remove(0);
         let id = job.delivery_id.clone();
         assert!(
             matches!(
                 app.resend_delivery(&a, &id).await,
                 Err(AppError::Conflict(_))
             ),
-            "a pending delivery is not resent"
+            "a delivery still retrying is not resent"
         );
-        app.deliver(&Answers(200), &job).await.unwrap();
+        assert_eq!(take_jobs(&app), vec![job.clone()], "its retry");
+        app.clock.advance(Duration::from_secs(60));
+        assert_eq!(
+            app.deliver(&Answers(200), &job).await.unwrap(),
+            DeliverOutcome::Delivered
+        );
         for _ in 0..crate::domain::MAX_RESENDS {
             let resent = app.resend_delivery(&a, &id).await.unwrap();
             assert_eq!(resent.id(), &id);
@@ -1853,7 +1858,7 @@ mod tests {
         let beyond = app.resend_delivery(&a, &id).await;
         assert!(matches!(beyond, Err(AppError::Conflict(_))), "{beyond:?}");
         let d = app.get_delivery(&a, &id).await.unwrap();
-        assert_eq!(d.attempt_count(), crate::domain::MAX_RESENDS + 1);
+        assert_eq!(d.attempt_count(), crate::domain::MAX_RESENDS + 2);
         assert!(d.attempts().len() <= crate::domain::MAX_KEPT_ATTEMPTS);
     }
 
@@ -1900,17 +1905,28 @@ mod tests {
             schedule: RetrySchedule::parse("3s,5s").unwrap(),
             ..AppConfig::default()
         };
+        let grace = config.sweep_grace;
         let (app, a, _) = app_with_subscription(config).await;
-        app.publish_event(&a, order("{}"), None).await.unwrap();
-        let job = take_jobs(&app).remove(0);
+        let published = app.publish_event(&a, order("{}"), None).await.unwrap();
         assert_eq!(
-            app.deliver(&Answers(200), &job).await.unwrap(),
-            DeliverOutcome::NotDue(ts(3_000))
+            *app.queue.1.lock().unwrap(),
+            vec![Duration::from_secs(3)],
+            "the fan-out (and so the first attempt) waits the first entry"
         );
-        app.clock.set(ts(3_000));
-        assert_eq!(
-            app.deliver(&Answers(200), &job).await.unwrap(),
-            DeliverOutcome::Delivered
+        // Should its job be lost, the sweep fans it out once that and the grace have passed.
+        let due = app
+            .store
+            .due_fan_outs(ts(3_000).saturating_add(grace), 10)
+            .await
+            .unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].event_id, published.event_id);
+        assert!(
+            app.store
+                .due_fan_outs(ts(2_999).saturating_add(grace), 10)
+                .await
+                .unwrap()
+                .is_empty()
         );
     }
 
@@ -1918,7 +1934,8 @@ mod tests {
     async fn a_2xx_is_recorded_even_when_the_lease_was_lost_during_the_attempt() {
         let (app, a, _) = app_with_subscription(AppConfig::default()).await;
         app.publish_event(&a, order("{}"), None).await.unwrap();
-        let job = take_jobs(&app).remove(0);
+        let job = fan_out_queued(&app, &Answers(503)).await.remove(0);
+        app.clock.advance(Duration::from_secs(60));
         // While the receiver takes its time, the lease runs out and the delivery moves on.
         let sender = Meddles {
             store: app.store.clone(),
@@ -1929,7 +1946,104 @@ mod tests {
         assert_eq!(outcome, DeliverOutcome::Delivered);
         let d = app.get_delivery(&a, &job.delivery_id).await.unwrap();
         assert_eq!(d.status(), DeliveryStatus::Succeeded);
-        assert_eq!(d.attempt_count(), 1);
+        assert_eq!(d.attempt_count(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_first_attempt_is_recorded_on_the_delivery_a_concurrent_fan_out_wrote_first() {
+        let (app, a, sub) = app_with_subscription(AppConfig::default()).await;
+        let published = app.publish_event(&a, order("{}"), None).await.unwrap();
+        // A duplicate of the fan-out job (SQS is at-least-once) got there first and failed.
+        let other = crate::conformance::attempted(
+            &Delivery::new(
+                a.clone(),
+                published.event_id.clone(),
+                sub.id.clone(),
+                ts(0),
+                Duration::ZERO,
+                app.config.sweep_grace,
+            ),
+            ts(0),
+            AttemptClass::Retryable,
+            Duration::from_secs(5),
+        );
+        let sender = WritesFirst {
+            store: app.store.clone(),
+            delivery: other.clone(),
+        };
+        let jobs = fan_out_queued(&app, &sender).await;
+        assert_eq!(jobs.len(), 1);
+        let d = app.get_delivery(&a, other.id()).await.unwrap();
+        assert_eq!(d.status(), DeliveryStatus::Succeeded, "our 2xx counts");
+        assert_eq!(d.attempt_count(), 2, "both attempts are in its log");
+    }
+
+    #[tokio::test]
+    async fn an_overdue_fan_out_is_recovered_without_sending_what_was_made() {
+        let (app, a, sub) = app_with_subscription(AppConfig::default()).await;
+        let second = app
+            .create_subscription(
+                &a,
+                NewSubscription {
+                    event_types: vec![EventTypePattern::parse("order.*").unwrap()],
+                    callback_url: CallbackUrl::parse("https://other.example.com/").unwrap(),
+                    secret: None,
+                    description: String::new(),
+                },
+            )
+            .await
+            .unwrap();
+        let published = app.publish_event(&a, order("{}"), None).await.unwrap();
+        // The worker made one delivery and died: its job is gone, the event still owes.
+        take_fan_outs(&app);
+        let made = crate::conformance::attempted(
+            &Delivery::new(
+                a.clone(),
+                published.event_id.clone(),
+                sub.id.clone(),
+                ts(0),
+                Duration::ZERO,
+                app.config.sweep_grace,
+            ),
+            ts(0),
+            AttemptClass::Delivered,
+            Duration::ZERO,
+        );
+        app.store.insert_delivery(&made).await.unwrap();
+        assert_eq!(
+            app.sweep_due().await.unwrap().fan_outs,
+            0,
+            "not before the grace"
+        );
+
+        app.clock.advance(app.config.sweep_grace);
+        let report = app.sweep_due().await.unwrap();
+        assert_eq!((report.fan_outs, report.enqueued), (1, 1));
+        assert_eq!(app.sweep_due().await.unwrap().fan_outs, 0, "claimed once");
+        let sender = Counts::default();
+        let jobs = fan_out_queued(&app, &sender).await;
+        assert_eq!(jobs.len(), 2);
+        assert_eq!(
+            sender.0.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "only the missing one is sent"
+        );
+        let other = DeliveryId::derive(&a, &published.event_id, &second.id);
+        assert_eq!(
+            app.get_delivery(&a, &other).await.unwrap().status(),
+            DeliveryStatus::Succeeded
+        );
+        assert_eq!(
+            app.get_delivery(&a, made.id()).await.unwrap(),
+            made,
+            "left alone"
+        );
+        app.clock.advance(Duration::from_secs(24 * 3600));
+        assert_eq!(
+            app.sweep_due().await.unwrap().found,
+            0,
+            "the event owes nothing now"
+        );
     }
 
     /// Answers every request with one status.
@@ -1976,6 +2090,40 @@ mod tests {
                 .update_delivery(&moved, current.version())
                 .await
                 .unwrap();
+            SendOutcome::Response {
+                status: 200,
+                retry_after: None,
+                body_snippet: String::new(),
+                latency: Duration::from_millis(1),
+            }
+        }
+    }
+
+    /// Writes `delivery` while the attempt runs (as a concurrent fan-out would), then answers 200.
+    struct WritesFirst {
+        store: SqliteStore,
+        delivery: Delivery,
+    }
+
+    impl HttpSender for WritesFirst {
+        async fn send(&self, _request: OutboundRequest) -> SendOutcome {
+            self.store.insert_delivery(&self.delivery).await.unwrap();
+            SendOutcome::Response {
+                status: 200,
+                retry_after: None,
+                body_snippet: String::new(),
+                latency: Duration::from_millis(1),
+            }
+        }
+    }
+
+    /// Answers 200 and counts the requests.
+    #[derive(Default)]
+    struct Counts(std::sync::atomic::AtomicUsize);
+
+    impl HttpSender for Counts {
+        async fn send(&self, _request: OutboundRequest) -> SendOutcome {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             SendOutcome::Response {
                 status: 200,
                 retry_after: None,

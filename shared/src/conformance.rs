@@ -16,7 +16,7 @@ use crate::domain::{
     ApiKeyRecord, Attempt, CallbackUrl, Delivery, Event, EventId, EventType, EventTypePattern,
     RetryPlan, Secret, Subscription, SubscriptionId, SubscriptionStatus, TenantId, Timestamp,
 };
-use crate::ports::{InsertOutcome, NewEvent, Page, PageRequest, Store, StoreError};
+use crate::ports::{DueFanOut, InsertOutcome, NewEvent, Page, PageRequest, Store, StoreError};
 use crate::retry::AttemptClass;
 use crate::retry::RetrySchedule;
 
@@ -45,7 +45,8 @@ macro_rules! store_conformance_tests {
             event_data_bytes_are_preserved,
             update_delivery_is_version_checked,
             update_subscription_is_version_checked,
-            a_repeated_publish_leaves_existing_deliveries_alone,
+            a_delivery_is_written_once,
+            events_owe_their_fan_out_until_it_is_done,
             list_cursors_are_checked,
             update_of_unknown_delivery_is_not_found,
             due_deliveries_returns_due_work_earliest_first,
@@ -725,46 +726,107 @@ pub async fn repeated_event_id_returns_existing<S: Store>(store: &S) {
     );
 }
 
-/// A publish that died after writing some deliveries and before its event (DynamoDB writes
-/// deliveries first) is tried again: the deliveries it wrote, progressed or not, stay as they
-/// are under their one id; the missing ones and the event are written.
-pub async fn a_repeated_publish_leaves_existing_deliveries_alone<S: Store>(store: &S) {
+/// Two fan-outs of one event (a duplicate job, a recovery racing a slow worker) make the same
+/// delivery: the first write stands and the second is told `Conflict`, so it records its attempt
+/// on what is there; the very same write repeated (its answer lost, the SDK retried it) is no
+/// conflict.
+pub async fn a_delivery_is_written_once<S: Store>(store: &S) {
     let a = tenant("tenant-a");
-    let (s, t) = (subscription(&a, ts(0)), subscription(&a, ts(1)));
-    insert_all(store, &[&s, &t]).await;
-    // The first try got as far as one delivery, which a worker has leased since. The store
-    // only sees the outcome of the whole write, so this writes it through a one-delivery
-    // publish of another event and then moves that delivery on by hand.
-    let new = new_event(&a, &[&s, &t], ts(10), r#"{"n":1}"#);
-    let mut partial = new_event(&a, &[], ts(10), "0");
-    partial.deliveries = vec![new.deliveries[0].clone()];
-    created(store, &partial).await;
-    let progressed = save(
-        store,
+    let s = subscription(&a, ts(0));
+    insert_all(store, &[&s]).await;
+    let new = new_event(&a, &[&s], ts(10), "{}");
+    store.insert_event(&new.new_event()).await.unwrap();
+    let first = attempted(
         &new.deliveries[0],
-        new.deliveries[0]
-            .leased(ts(11), "worker".into(), Duration::from_secs(30))
-            .unwrap(),
-    )
-    .await;
+        ts(11),
+        AttemptClass::Delivered,
+        Duration::ZERO,
+    );
+    store.insert_delivery(&first).await.unwrap();
+    store
+        .insert_delivery(&first)
+        .await
+        .expect("the same write again is no conflict");
+    let other = attempted(
+        &new.deliveries[0],
+        ts(12),
+        AttemptClass::Retryable,
+        Duration::from_secs(5),
+    );
+    assert!(matches!(
+        store.insert_delivery(&other).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(
+        store.get_delivery(&a, first.id()).await.unwrap(),
+        Some(first.clone())
+    );
+    assert_eq!(first_page(store, &a, &s.id).await, vec![first]);
+}
 
-    created(store, &new).await;
+/// An event owes its fan-out until it is marked done: due from its time on, earliest first,
+/// claimed by one sweep at a time, and gone from the due work once done.
+pub async fn events_owe_their_fan_out_until_it_is_done<S: Store>(store: &S) {
+    let (a, b) = (tenant("tenant-a"), tenant("tenant-b"));
+    let mut late = new_event(&a, &[], ts(10), "1");
+    late.fan_out_due_at = Some(ts(1_000));
+    let mut early = new_event(&b, &[], ts(20), "2");
+    early.fan_out_due_at = Some(ts(500));
+    let owes_nothing = new_event(&a, &[], ts(30), "3");
+    for e in [&late, &early, &owes_nothing] {
+        created(store, e).await;
+    }
+    let due_ids = |due: Vec<DueFanOut>| {
+        due.into_iter()
+            .map(|d| (d.tenant_id, d.event_id, d.due_at))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(store.due_fan_outs(ts(499), 10).await.unwrap(), vec![]);
+    let due = store.due_fan_outs(ts(1_000), 10).await.unwrap();
     assert_eq!(
-        store.get_delivery(&a, progressed.id()).await.unwrap(),
-        Some(progressed.clone()),
-        "the delivery that existed is not reset"
+        due_ids(due.clone()),
+        vec![
+            (b.clone(), early.event.id.clone(), ts(500)),
+            (a.clone(), late.event.id.clone(), ts(1_000)),
+        ],
+        "earliest first, across tenants"
     );
+    assert_eq!(store.due_fan_outs(ts(1_000), 1).await.unwrap().len(), 1);
+
+    // A sweep claims the early one: it moves on, and a second claim of what was read conflicts.
+    store.claim_fan_out(&due[0], ts(60_500)).await.unwrap();
+    assert!(matches!(
+        store.claim_fan_out(&due[0], ts(60_500)).await,
+        Err(StoreError::Conflict)
+    ));
     assert_eq!(
+        due_ids(store.due_fan_outs(ts(1_000), 10).await.unwrap()),
+        vec![(a.clone(), late.event.id.clone(), ts(1_000))]
+    );
+
+    // Done: no longer due, and no sweep can claim it any more. Saying so twice is fine.
+    store.fanned_out(&a, &late.event.id).await.unwrap();
+    store.fanned_out(&a, &late.event.id).await.unwrap();
+    assert!(store.claim_fan_out(&due[1], ts(2_000)).await.is_err());
+    assert_eq!(
+        due_ids(store.due_fan_outs(ts(100_000), 10).await.unwrap()),
+        vec![(b.clone(), early.event.id.clone(), ts(60_500))]
+    );
+    // Another tenant's event, or none: not found.
+    assert!(matches!(
+        store.fanned_out(&a, &early.event.id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
         store
-            .get_delivery(&a, new.deliveries[1].id())
-            .await
-            .unwrap(),
-        Some(new.deliveries[1].clone())
-    );
-    assert_eq!(first_page(store, &a, &s.id).await, vec![progressed]);
+            .fanned_out(&a, &EventId::parse("never-published").unwrap())
+            .await,
+        Err(StoreError::NotFound)
+    ));
     assert_eq!(
-        store.get_event(&a, &new.event.id).await.unwrap(),
-        Some(new.event.clone())
+        store.get_event(&a, &late.event.id).await.unwrap(),
+        Some(late.event.clone()),
+        "the event itself stays as it was"
     );
 }
 

@@ -154,8 +154,9 @@ pub trait Store: Send + Sync + 'static {
         now: Timestamp,
         limit: u32,
     ) -> impl Future<Output = StoreResult<Vec<DueFanOut>>> + Send;
-    /// Moves a due fan-out to `next`, only if it is still due at `expected` (so two sweeps
-    /// never both take it): `Conflict` if it changed, `NotFound` if it is no longer due.
+    /// Moves a due fan-out to `next`, only if it is still due at `due.due_at` (so two sweeps
+    /// never both take it): `Conflict` if it changed (or, on some stores, is done), `NotFound`
+    /// if it is done or gone.
     fn claim_fan_out(
         &self,
         due: &DueFanOut,

@@ -906,10 +906,7 @@ mod tests {
         {
             let store = SqliteStore::open(&path).unwrap();
             store.insert_subscription(&sub).await.unwrap();
-            assert_eq!(
-                store.insert_event(&new.new_event()).await.unwrap(),
-                InsertOutcome::Created
-            );
+            crate::conformance::created(&store, &new).await;
         }
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(
@@ -1007,11 +1004,13 @@ mod tests {
         let a = tenant("a");
         let subs: Vec<_> = (0..4).map(|i| subscription(&a, ts(1_000 + i))).collect();
         let t0 = ts(10_000);
-        let new = new_event(&a, &subs.iter().collect::<Vec<_>>(), t0, "{}");
-        assert_eq!(
-            store.insert_event(&new.new_event()).await.unwrap(),
-            InsertOutcome::Created
-        );
+        let mut new = new_event(&a, &subs.iter().collect::<Vec<_>>(), t0, "{}");
+        crate::conformance::created(&store, &new).await;
+        // An event whose fan-out was owed when the process died (its job died with it).
+        let mut owing = new_event(&a, &[], t0, "{}");
+        owing.fan_out_due_at = Some(t0.saturating_add(GRACE));
+        crate::conformance::created(&store, &owing).await;
+        new.fan_out_due_at = None;
         let [idle, leased, finished, held] = new.deliveries.as_slice() else {
             panic!("four deliveries");
         };
@@ -1034,8 +1033,16 @@ mod tests {
         let held = save(&store, held, held.held(t0, "paused", None).unwrap()).await;
 
         let now = ts(20_000);
-        // The leased one and the idle one (its queue message died with the process).
-        assert_eq!(store.recover_after_restart(now).await.unwrap(), 2);
+        // The leased one and the idle one (its queue message died with the process), and the
+        // owed fan-out.
+        assert_eq!(store.recover_after_restart(now).await.unwrap(), 3);
+        let fan_outs = store.due_fan_outs(now, 10).await.unwrap();
+        assert_eq!(fan_outs.len(), 1);
+        assert_eq!(
+            (&fan_outs[0].event_id, fan_outs[0].due_at),
+            (&owing.event.id, now),
+            "due now, not a grace later"
+        );
 
         let released = store.get_delivery(&a, leased.id()).await.unwrap().unwrap();
         assert_eq!(released.current_lease(), None);
@@ -1074,7 +1081,7 @@ mod tests {
         let sub = subscription(&a, ts(1_000));
         store.insert_subscription(&sub).await.unwrap();
         let first = new_event(&a, &[&sub], ts(2_000), "{}");
-        store.insert_event(&first.new_event()).await.unwrap();
+        crate::conformance::created(&store, &first).await;
         let contested = first.deliveries[0].clone();
         let twin = subscription(&a, ts(4_000));
 
@@ -1182,11 +1189,12 @@ mod tests {
             "one lease was written"
         );
         assert!(won.current_lease().is_some());
-        // 1 + 80 + 1 events, each with one delivery; all visible to a new connection.
+        // 1 + 80 + 1 events (their deliveries come from fan-out); all visible to a new
+        // connection.
         drop(store);
         let again = SqliteStore::open(&dir.path().join("t.db")).unwrap();
         let count: i64 = again
-            .on_writer(|conn| conn.query_row("SELECT count(*) FROM deliveries", [], |r| r.get(0)))
+            .on_writer(|conn| conn.query_row("SELECT count(*) FROM events", [], |r| r.get(0)))
             .await
             .unwrap();
         assert_eq!(count, 82);
@@ -1200,7 +1208,7 @@ mod tests {
         store.insert_subscription(&sub).await.unwrap();
         let before_ok = new_event(&a, &[&sub], ts(2_000), "{}");
         let after_ok = new_event(&a, &[&sub], ts(2_001), "{}");
-        // A write that fails after writing its event, key and delivery rows.
+        // A write that fails after writing its event and key rows.
         let mut broken = new_event(&a, &[&sub], ts(2_002), "{}");
         broken.idempotency_key = Some("k".into());
 
