@@ -189,10 +189,7 @@ async fn sweep_reads_a_sparse_index_sharded_and_merged_in_due_order() {
         *d = d.with_due_at_for_tests(None);
         d.id().clone()
     };
-    assert_eq!(
-        store.insert_event(&new.new_event()).await.unwrap(),
-        InsertOutcome::Created
-    );
+    tidings_core::conformance::created(&store, &new).await;
 
     let index = due_index(&client, &table).await;
     assert_eq!(
@@ -251,104 +248,6 @@ async fn sweep_reads_a_sparse_index_sharded_and_merged_in_due_order() {
     store.update_delivery(&done, first.version()).await.unwrap();
     assert_eq!(due_index(&client, &table).await.len(), 39);
     assert_eq!(due(ts(1_000_000), 1).await, expected[1..2]);
-}
-
-#[tokio::test]
-async fn an_event_with_more_deliveries_than_a_transaction_holds_is_written_whole() {
-    let store = fresh_store().await;
-    let a = tenant("a");
-    let subs = subscriptions(&a, 150);
-    let all: Vec<&Subscription> = subs.iter().collect();
-
-    let mut new = new_event(&a, &all, ts(10), r#"{"fan":"out"}"#);
-    new.idempotency_key = Some("big-one".into());
-    assert_eq!(
-        store.insert_event(&new.new_event()).await.unwrap(),
-        InsertOutcome::Created
-    );
-    assert_eq!(
-        store.get_event(&a, &new.event.id).await.unwrap(),
-        Some(new.event.clone())
-    );
-    for d in &new.deliveries {
-        assert_eq!(
-            store.get_delivery(&a, d.id()).await.unwrap().as_ref(),
-            Some(d)
-        );
-    }
-    for (s, d) in subs.iter().zip(&new.deliveries).step_by(37) {
-        let listed: Vec<_> = delivery_pages(&store, &a, &s.id, 10)
-            .await
-            .into_iter()
-            .flat_map(|p| p.items)
-            .collect();
-        assert_eq!(listed, vec![d.clone()]);
-    }
-    let due_count = || async {
-        store
-            .due_deliveries(ts(10).saturating_add(GRACE), 500)
-            .await
-            .unwrap()
-            .len()
-    };
-    assert_eq!(due_count().await, 150);
-    let existing = InsertOutcome::Existing {
-        event_id: new.event.id.clone(),
-        fingerprint: new.event.fingerprint.clone(),
-    };
-
-    // A retried publish (new event id, so new delivery ids, same key) writes no second set.
-    let mut retry = new_event(&a, &all, ts(20), "{}");
-    retry.idempotency_key = Some("big-one".into());
-    assert_eq!(
-        store.insert_event(&retry.new_event()).await.unwrap(),
-        existing
-    );
-    // And with the same event id but no key: the same deliveries, left as they are.
-    let mut same_id = new_event(&a, &all[..120], ts(30), "{}");
-    same_id.event.id = new.event.id.clone();
-    same_id.event.fingerprint = new.event.fingerprint.clone();
-    same_id.deliveries = deliveries_of(&same_id.event, &all[..120], ts(30));
-    assert_eq!(
-        store.insert_event(&same_id.new_event()).await.unwrap(),
-        existing
-    );
-    for d in &retry.deliveries {
-        assert_eq!(store.get_delivery(&a, d.id()).await.unwrap(), None);
-    }
-    assert_eq!(due_count().await, 150, "no second set, none reset");
-    for d in &new.deliveries {
-        assert_eq!(
-            store.get_delivery(&a, d.id()).await.unwrap().as_ref(),
-            Some(d)
-        );
-    }
-
-    // The same large publish twice at once (a redelivered queue message handled by two
-    // functions in the same millisecond): at least one is created (identical writes cannot be
-    // told apart, so both may say so; their jobs then meet one delivery), and one set of
-    // deliveries exists.
-    let twice = new_event(&a, &all[..110], ts(40), "{}");
-    let twice_new = twice.new_event();
-    let (r1, r2) = tokio::join!(
-        store.insert_event(&twice_new),
-        store.insert_event(&twice_new)
-    );
-    let outcomes = [r1.unwrap(), r2.unwrap()];
-    assert!(outcomes.contains(&InsertOutcome::Created), "{outcomes:?}");
-    for outcome in &outcomes {
-        assert!(
-            matches!(outcome, InsertOutcome::Created)
-                || matches!(outcome, InsertOutcome::Existing { event_id, .. } if *event_id == twice.event.id),
-            "{outcome:?}"
-        );
-    }
-    for d in &twice.deliveries {
-        assert_eq!(
-            store.get_delivery(&a, d.id()).await.unwrap().as_ref(),
-            Some(d)
-        );
-    }
 }
 
 #[tokio::test]

@@ -259,7 +259,7 @@ async fn tenants_never_see_each_other() {
     receiver
         .wait_for("/a", 1, std::time::Duration::from_secs(10))
         .await;
-    let delivery_id = a.deliveries(sub_id).await[0]["deliveryId"]
+    let delivery_id = a.wait_deliveries(sub_id, 1).await[0]["deliveryId"]
         .as_str()
         .unwrap()
         .to_owned();

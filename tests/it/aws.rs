@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tidings_core::app::{App, AppConfig, PublishRequest};
 use tidings_core::aws::dynamo::DynamoStore;
 use tidings_core::domain::{EventType, TenantId};
-use tidings_core::ports::{DeliveryJob, DeliveryQueue, QueueError, SystemClock};
+use tidings_core::ports::{DeliveryQueue, Job, QueueError, SystemClock};
 use tidings_tests::aws_local::meter::{EVENT_SOURCE_MAPPING, Usage, service_total};
 use tidings_tests::aws_local::{API, DELIVER, SWEEP};
 use tidings_tests::{ApiClient, Reply, TestReceiver, binary_path, eventually};
@@ -33,7 +33,7 @@ impl DeliveryQueue for BlackHoleQueue {
     fn max_delay(&self) -> Duration {
         Duration::from_secs(900)
     }
-    async fn enqueue(&self, _jobs: Vec<(DeliveryJob, Duration)>) -> Result<(), QueueError> {
+    async fn enqueue(&self, _jobs: Vec<(Job, Duration)>) -> Result<(), QueueError> {
         Ok(())
     }
 }
@@ -161,7 +161,9 @@ fn verify(secret: &str, r: &tidings_tests::Received) {
 
 /// Waits until the subscription's first delivery succeeded, and returns it.
 async fn first_delivery_succeeded(api: &ApiClient, sub: &Value) -> Value {
-    let list = deliveries_of(api, sub).await;
+    let list = api
+        .wait_deliveries(sub["subscriptionId"].as_str().unwrap(), 1)
+        .await;
     let id = list[0]["deliveryId"].as_str().unwrap();
     api.wait_delivery(id, WAIT, |d| d["status"] == "succeeded")
         .await
@@ -345,13 +347,14 @@ async fn an_event_published_right_after_a_subscription_is_created_reaches_it_des
     assert_eq!(deliveries_of(&aws.api, &sub).await.len(), 1);
 }
 
-/// A `deliver` that died between writing an event's deliveries and the event (DynamoDB writes
-/// deliveries first) left one delivery behind; SQS hands the message to another invocation.
-/// Every (event, subscription) is delivered once, under one `webhook-id`.
+/// A `deliver` that died half-way through an event's fan-out: it had sent and recorded the
+/// delivery to `one` and was waiting on `two`'s receiver. Nobody sends the event's fan-out
+/// again but the sweep, once it is overdue, as a recovery: every (event, subscription) is
+/// delivered once, under one `webhook-id`.
 #[tokio::test]
-async fn a_publish_that_died_between_its_writes_delivers_each_subscription_once() {
-    use tidings_core::domain::{Delivery, EventId, SubscriptionId};
-    use tidings_core::ports::{NewEvent, Store as _};
+async fn a_fan_out_that_died_half_way_delivers_each_subscription_once() {
+    use tidings_core::domain::{DeliveryId, EventId, SubscriptionId};
+    use tidings_core::ports::FanOutJob;
 
     let aws = AwsLocal::start().await;
     let receiver = TestReceiver::start().await;
@@ -364,64 +367,78 @@ async fn a_publish_that_died_between_its_writes_delivers_each_subscription_once(
         .subscribe(&receiver.url("/two"), &["invoice.paid"])
         .await;
     let tenant = TenantId::parse("t1").unwrap();
-    let event_id = EventId::parse("inv-7-paid").unwrap();
-    let sub_one = SubscriptionId::parse(one["subscriptionId"].as_str().unwrap()).unwrap();
 
-    // What the first try wrote before it died: the delivery to `one`, and not the event. (The
-    // store writes an event and its deliveries together, so this writes the orphan through a
-    // stand-in event of another id.)
-    let now = tidings_core::domain::Timestamp::now();
-    let orphan = Delivery::new(
-        tenant.clone(),
-        event_id.clone(),
-        sub_one.clone(),
-        now,
-        Duration::ZERO,
-        Duration::from_secs(3),
-    );
-    let mut carrier = NewEvent {
-        event: tidings_core::domain::Event {
-            id: EventId::parse("carrier").unwrap(),
-            tenant_id: tenant.clone(),
-            event_type: EventType::parse("test.carrier").unwrap(),
-            occurred_at: now,
-            data: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
-            received_at: now,
-            fingerprint: String::new(),
-        },
-        deliveries: vec![orphan.clone()],
-        idempotency_key: None,
-    };
-    aws.app.store.insert_event(&carrier).await.unwrap();
-    carrier.deliveries.clear();
-
-    // The message comes back and is handled again.
-    aws.sqs
-        .send_message()
-        .queue_url(aws.url("eventsQueueUrl"))
-        .message_body(r#"{"eventType":"invoice.paid","eventId":"inv-7-paid","data":{"n":7}}"#)
-        .message_attributes("tenant", attr("t1"))
-        .send()
+    // Published through an app whose queue loses every job: the event is stored, owing its
+    // fan-out, and its fan-out job is gone.
+    let published = aws
+        .app
+        .publish_event(
+            &tenant,
+            PublishRequest {
+                event_type: EventType::parse("invoice.paid").unwrap(),
+                data: serde_json::value::RawValue::from_string(r#"{"n":7}"#.into()).unwrap(),
+                event_id: Some(EventId::parse("inv-7-paid").unwrap()),
+                occurred_at: None,
+            },
+            None,
+        )
         .await
         .unwrap();
+    let job = FanOutJob {
+        tenant_id: tenant.clone(),
+        event_id: published.event_id.clone(),
+        recovery: false,
+    };
+    let died = tokio::time::timeout(
+        Duration::from_secs(2),
+        aws.app.fan_out(&DiesAtTwo::default(), &job, None),
+    )
+    .await;
+    assert!(died.is_err(), "the worker died waiting on `two`");
+
     let got_one = receiver.wait_for("/one", 1, WAIT).await;
-    receiver.wait_for("/two", 1, WAIT).await;
-    assert_eq!(got_one[0].header("webhook-id"), orphan.id().as_str());
-    tokio::time::sleep(Duration::from_secs(5)).await; // past the sweep's grace
-    assert_eq!(
-        receiver.received_on("/one").len(),
-        1,
-        "one webhook to `one`"
-    );
-    assert_eq!(
-        receiver.received_on("/two").len(),
-        1,
-        "one webhook to `two`"
-    );
-    for sub in [&one, &two] {
+    let got_two = receiver.wait_for("/two", 1, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(5)).await; // past another sweep's grace
+    for (sub, got, path) in [(&one, &got_one, "/one"), (&two, &got_two, "/two")] {
+        assert_eq!(
+            receiver.received_on(path).len(),
+            1,
+            "one webhook to {path}"
+        );
+        let sub_id = SubscriptionId::parse(sub["subscriptionId"].as_str().unwrap()).unwrap();
+        let id = DeliveryId::derive(&tenant, &published.event_id, &sub_id);
+        assert_eq!(got[0].header("webhook-id"), id.as_str());
         let list = deliveries_of(&aws.api, sub).await;
         assert_eq!(list.len(), 1, "one delivery per subscription: {list:#?}");
         assert_eq!(list[0]["eventId"], "inv-7-paid");
+        assert_eq!(list[0]["status"], "succeeded");
+    }
+}
+
+/// An HTTP sender that sends `/one` for real and never hears back from anything else (its
+/// process is about to die).
+#[derive(Default)]
+struct DiesAtTwo(reqwest::Client);
+
+impl tidings_core::sender::HttpSender for DiesAtTwo {
+    async fn send(
+        &self,
+        request: tidings_core::sender::OutboundRequest,
+    ) -> tidings_core::sender::SendOutcome {
+        if !request.url.path().ends_with("/one") {
+            std::future::pending::<()>().await;
+        }
+        let mut post = self.0.post(request.url.clone()).body(request.body.clone());
+        for (name, value) in &request.headers {
+            post = post.header(name, value);
+        }
+        let answer = post.send().await.expect("the receiver answers");
+        tidings_core::sender::SendOutcome::Response {
+            status: answer.status().as_u16(),
+            retry_after: None,
+            body_snippet: String::new(),
+            latency: Duration::from_millis(1),
+        }
     }
 }
 
@@ -644,7 +661,8 @@ impl AwsLocal {
 
     /// Resets the meter, runs `publish`, and returns the meter's counts once the event source
     /// mapping deleted every message: the `producer_messages` sent straight to the events queue
-    /// plus every job message the functions sent.
+    /// (fanned out where they are received, so they may send no job at all) plus every job
+    /// message the functions sent.
     async fn measure(&self, producer_messages: u64, publish: impl AsyncFnOnce()) -> Usage {
         let reset = self.api.post("/_aws_local/meter/reset", &json!({})).await;
         assert_eq!(reset.status, 204);
@@ -658,7 +676,7 @@ impl AwsLocal {
                 .get(EVENT_SOURCE_MAPPING)
                 .and_then(|ops| ops.get("sqs.DeleteMessageBatch"))
                 .map_or(0, |u| u.messages);
-            if sent > 0 && deleted >= sent + producer_messages {
+            if sent + producer_messages > 0 && deleted >= sent + producer_messages {
                 return usage;
             }
             assert!(

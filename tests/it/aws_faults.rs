@@ -76,7 +76,7 @@ async fn an_early_job_is_delivered_at_its_due_time_without_the_sweep() {
     // The first attempt failed; the retry is due in about 8 s and its job is on the queue.
     let list = aws
         .api
-        .deliveries(sub["subscriptionId"].as_str().unwrap())
+        .wait_deliveries(sub["subscriptionId"].as_str().unwrap(), 1)
         .await;
     let id = list[0]["deliveryId"].as_str().unwrap().to_owned();
     let retrying = aws

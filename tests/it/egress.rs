@@ -35,7 +35,7 @@ async fn strict_guard_refuses_every_loopback_spelling_and_logs_it() {
     for sub in &subs {
         let list = server
             .api
-            .deliveries(sub["subscriptionId"].as_str().unwrap())
+            .wait_deliveries(sub["subscriptionId"].as_str().unwrap(), 1)
             .await;
         let id = list[0]["deliveryId"].as_str().unwrap();
         let d = server
@@ -100,7 +100,7 @@ async fn a_name_resolving_to_the_metadata_address_is_refused_before_connecting()
     server.api.publish("a.b", json!({})).await;
     let list = server
         .api
-        .deliveries(sub["subscriptionId"].as_str().unwrap())
+        .wait_deliveries(sub["subscriptionId"].as_str().unwrap(), 1)
         .await;
     let d = server
         .api

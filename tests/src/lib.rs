@@ -342,6 +342,23 @@ impl ApiClient {
         r.body["data"].as_array().unwrap().clone()
     }
 
+    /// The subscription's deliveries once at least `n` are listed (a delivery is written with its
+    /// first attempt, a moment after the receiver saw it); panics after 10 s.
+    pub async fn wait_deliveries(&self, subscription_id: &str, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let list = self.deliveries(subscription_id).await;
+            if list.len() >= n {
+                return list;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {n} deliveries listed: {list:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// Waits until the subscription has exactly `n` deliveries, all succeeded; panics after `timeout`.
     pub async fn wait_all_succeeded(&self, subscription_id: &str, n: usize, timeout: Duration) {
         let path = format!("/webhook-subscriptions/{subscription_id}/deliveries?limit=250");

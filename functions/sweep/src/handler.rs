@@ -101,6 +101,7 @@ mod tests {
             enqueued,
             in_flight,
             deferred: 0,
+            fan_outs: 0,
         };
         assert!(another_round(&report(500, 500, 0), 500, s(60), s(2)));
         assert!(another_round(&report(500, 1, 499), 500, s(60), s(2)));

@@ -19,8 +19,8 @@
 //!   projected attribute changes, deleted when it leaves, and both when an index key changes.
 //!   Index writes are not doubled by a transaction (they propagate after it commits).
 //!
-//! To know the item before a write, the meter reads it from the emulator first; that read is
-//! the meter's own and is not counted.
+//! To know the item before a write, the meter reads it from the emulator first (and after an
+//! `UpdateItem`, the item it left); those reads are the meter's own and are not counted.
 //!
 //! It is also where the stand-in is made as hostile as AWS ([`Faults`]): it can let a write
 //! commit and then lose its answer (the caller gets a 500 and its SDK retries the write), and it
@@ -447,6 +447,29 @@ impl Meter {
         Some(schema)
     }
 
+    /// Fills in the item after each update of `writes` (which succeeded), read from the
+    /// emulator: what the update billed is the larger of it and the item before.
+    async fn items_after_updates(&self, headers: &HeaderMap, writes: &mut [Write]) {
+        for write in writes.iter_mut().filter(|w| w.update) {
+            let Some(schema) = self.schema(headers, &write.table).await else {
+                continue;
+            };
+            let key = schema.key_of(write.key_source());
+            let got = self
+                .dynamo(
+                    headers,
+                    "GetItem",
+                    json!({ "TableName": write.table, "Key": key, "ConsistentRead": true }),
+                )
+                .await;
+            if let Some(Value::Object(item)) =
+                got.and_then(|mut g| g.get_mut("Item").map(Value::take))
+            {
+                write.new = Some(item);
+            }
+        }
+    }
+
     /// The items the writes are about to replace or delete, by the write's position, and the
     /// schemas of the tables they write.
     async fn items_before(&self, headers: &HeaderMap, writes: &[Write]) -> WriteContext {
@@ -499,7 +522,7 @@ async fn forward(
         .to_owned();
     let request_json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let dynamo_op = target.strip_prefix(DYNAMODB_PREFIX);
-    let writes = match dynamo_op {
+    let mut writes = match dynamo_op {
         Some(op) => Write::of_request(op, &request_json),
         None => Vec::new(),
     };
@@ -536,6 +559,9 @@ async fn forward(
     };
 
     let answer_json: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
+    if status.is_success() {
+        meter.items_after_updates(&parts.headers, &mut writes).await;
+    }
     if !status.is_success() {
         let error = answer_json["__type"].as_str().unwrap_or_default();
         tracing::info!(%caller, %target, %status, error, "meter: the emulator answered with an error");
@@ -685,13 +711,15 @@ fn sqs_usage(op: &str, request: &Value, ok: bool, answer: &Value) -> OpUsage {
 
 type Item = Map<String, Value>;
 
-/// One item written by a request: a put (the new item) or a delete (its key).
+/// One item written by a request: a put (the new item), a delete (its key), or an update (its
+/// key; the item after it is read from the emulator once it succeeded).
 #[derive(Debug)]
 struct Write {
     table: String,
     new: Option<Item>,
     key: Option<Item>,
     transactional: bool,
+    update: bool,
 }
 
 impl Write {
@@ -712,15 +740,17 @@ impl Write {
                     new: Some(item),
                     key: None,
                     transactional: false,
+                    update: false,
                 })
                 .into_iter()
                 .collect(),
-            "DeleteItem" => object(&request["Key"])
+            "DeleteItem" | "UpdateItem" => object(&request["Key"])
                 .map(|key| Write {
                     table: table(request),
                     new: None,
                     key: Some(key),
                     transactional: false,
+                    update: op == "UpdateItem",
                 })
                 .into_iter()
                 .collect(),
@@ -735,6 +765,7 @@ impl Write {
                             new: object(&put["Item"]),
                             key: None,
                             transactional: true,
+                            update: false,
                         })
                     } else {
                         // Delete (and the unmodelled Update / ConditionCheck) by key.
@@ -744,6 +775,7 @@ impl Write {
                             new: None,
                             key: object(&inner["Key"]),
                             transactional: true,
+                            update: false,
                         })
                     }
                 })
@@ -766,6 +798,7 @@ impl Write {
                                 new: put,
                                 key,
                                 transactional: false,
+                                update: false,
                             })
                         })
                 })
