@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng as _, SeedableRng as _};
 use serde_json::{Value, json};
-use tidings_tests::{ApiClient, FaultMix, Reply, TestReceiver, TidingsProcess};
+use tidings_tests::{ApiClient, ClosedPort, FaultMix, Reply, TestReceiver, TidingsProcess};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -75,7 +75,7 @@ impl Plan {
                 soak,
                 events: 20_000,
                 fault_phase: secs(20),
-                closed_for: secs(6),
+                closed_for: secs(10),
                 kill_every: (Duration::from_millis(1500), secs(4)),
                 drain_deadline: secs(120),
                 seed,
@@ -231,6 +231,24 @@ async fn restart(listen: &str, dir: &Path, args: &[&str]) -> TidingsProcess {
     panic!("tidings serve did not come back on {listen}: {last}");
 }
 
+/// A free port on 127.0.0.1 below the kernel's ephemeral range: while the server is down between
+/// a kill and its restart, no outgoing connection can be given it as its local port.
+fn api_port() -> u16 {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let below = ephemeral_low.saturating_sub(8192).max(1024)..ephemeral_low.max(1025);
+    let mut rng = rand::rng();
+    for _ in 0..200 {
+        let port = rng.random_range(below.clone());
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 in {below:?}");
+}
+
 /// One delivery as the API lists it.
 struct Listed {
     subscriber: usize,
@@ -376,15 +394,12 @@ async fn under_faults_and_sigkills_nothing_accepted_is_lost() {
         "--allow-callback-cidrs",
         "127.0.0.0/8",
     ];
-    let mut server = TidingsProcess::serve(dir.path(), &args).await;
-    let listen = server.addr().to_string();
+    let listen = format!("127.0.0.1:{}", api_port());
+    let mut server = restart(&listen, dir.path(), &args).await;
     let api = server.api.clone();
 
     // Four subscriptions, one receiver each (the third's port is closed for now).
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed_port = ClosedPort::new();
     let mut subscribers = Vec::new();
     for (name, path, patterns) in [
         ("orders", "/orders", &["order.*"][..]),
@@ -398,7 +413,7 @@ async fn under_faults_and_sigkills_nothing_accepted_is_lost() {
         };
         let url = match &receiver {
             Some(r) => r.url(path),
-            None => format!("http://{closed_port}{path}"),
+            None => closed_port.url(path),
         };
         let sub = api.subscribe(&url, patterns).await;
         let secret = sub["secret"].as_str().unwrap().to_owned();
@@ -444,7 +459,7 @@ async fn under_faults_and_sigkills_nothing_accepted_is_lost() {
     let (closed_for, seed) = (plan.closed_for, plan.seed);
     let opener = tokio::spawn(async move {
         tokio::time::sleep(closed_for).await;
-        let r = TestReceiver::start_on(closed_port).await;
+        let r = closed_port.open();
         receiver_for(&r, &invoices_secret);
         r.inject_faults(Some(fault_mix()), seed ^ 3);
         r

@@ -370,11 +370,13 @@ pub struct TestReceiver {
 
 impl TestReceiver {
     pub async fn start() -> Self {
-        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        Self::serve(listener)
     }
 
-    /// Starts on a chosen address, e.g. a port a subscription already points at.
-    pub async fn start_on(addr: SocketAddr) -> Self {
+    fn serve(listener: tokio::net::TcpListener) -> Self {
         let state = Arc::new(Mutex::new(ReceiverState {
             keep: true,
             ..ReceiverState::default()
@@ -382,9 +384,6 @@ impl TestReceiver {
         let router = Router::new()
             .fallback(record)
             .with_state(Arc::clone(&state));
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .expect("bind receiver");
         let addr = listener.local_addr().expect("receiver addr");
         let server = tokio::spawn(async move {
             let _ = axum::serve(
@@ -476,6 +475,40 @@ impl TestReceiver {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// A port on 127.0.0.1 where nothing listens yet (connections to it are refused), held so that no
+/// other socket can take it meanwhile; [`ClosedPort::open`] starts a receiver on it.
+pub struct ClosedPort {
+    socket: tokio::net::TcpSocket,
+    pub addr: SocketAddr,
+}
+
+impl ClosedPort {
+    pub fn new() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+        socket
+            .bind("127.0.0.1:0".parse().unwrap())
+            .expect("bind a closed port");
+        let addr = socket.local_addr().expect("closed port addr");
+        Self { socket, addr }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Starts listening: a receiver as [`TestReceiver::start`] makes, on this port.
+    pub fn open(self) -> TestReceiver {
+        TestReceiver::serve(self.socket.listen(1024).expect("listen"))
+    }
+}
+
+impl Default for ClosedPort {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -899,15 +932,6 @@ impl TidingsProcess {
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let api = ApiClient::new(base, key);
         Ok(Self { child, api })
-    }
-
-    /// The address the API listens on.
-    pub fn addr(&self) -> SocketAddr {
-        self.api
-            .base
-            .trim_start_matches("http://")
-            .parse()
-            .expect("the banner's API address")
     }
 
     /// SIGKILL: no shutdown code runs.
