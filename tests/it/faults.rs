@@ -258,6 +258,8 @@ struct Listed {
     updated_at: OffsetDateTime,
     attempts: u64,
     connect_errors: u64,
+    /// The logged attempts' results: the status code, or the error up to its first `:`.
+    seen: Vec<String>,
 }
 
 /// Every delivery of every subscriber, from the API.
@@ -275,6 +277,16 @@ async fn scan(api: &ApiClient, subscribers: &[Subscriber]) -> Vec<Listed> {
                 updated_at: OffsetDateTime::parse(&text("updatedAt"), &Rfc3339)
                     .expect("updatedAt is RFC 3339"),
                 attempts: d["attemptCount"].as_u64().unwrap_or_default(),
+                seen: attempts
+                    .iter()
+                    .map(|a| match a["statusCode"].as_u64() {
+                        Some(code) => code.to_string(),
+                        None => {
+                            let error = a["error"].as_str().unwrap_or("no error");
+                            error.split(':').next().unwrap_or(error).to_owned()
+                        }
+                    })
+                    .collect(),
                 connect_errors: attempts
                     .iter()
                     .filter(|a| {
@@ -297,6 +309,9 @@ struct Books {
     /// Expected pairs the API shows dead or failed.
     dead: usize,
     failed: usize,
+    /// Of the dead or failed, those a receiver had acknowledged all the same (its answer was
+    /// lost with a killed server, and the later attempts failed).
+    dead_after_delivered: usize,
     /// Expected pairs neither acknowledged nor dead or failed, with their API status.
     lost: Vec<(String, String, String)>,
     /// Acknowledged pairs no accepted event explains (a publish stored twice, or a stranger).
@@ -346,6 +361,7 @@ fn books(
         delivered: 0,
         dead: 0,
         failed: 0,
+        dead_after_delivered: 0,
         lost: Vec::new(),
         unexpected: Vec::new(),
         identity_changes: 0,
@@ -361,7 +377,9 @@ fn books(
         b.delivered += usize::from(delivered);
         b.dead += usize::from(status == "dead");
         b.failed += usize::from(status == "failed");
-        if !delivered && status != "dead" && status != "failed" {
+        let ended = status == "dead" || status == "failed";
+        b.dead_after_delivered += usize::from(delivered && ended);
+        if !delivered && !ended {
             b.lost
                 .push((subscribers[pair.0].name.to_owned(), pair.1.clone(), status));
         }
@@ -574,6 +592,10 @@ async fn under_faults_and_sigkills_nothing_accepted_is_lost() {
             (sub.name, n)
         })
         .collect();
+    let mut seen_by_server: BTreeMap<&str, u64> = BTreeMap::new();
+    for seen in listed.iter().flat_map(|l| &l.seen) {
+        *seen_by_server.entry(seen).or_default() += 1;
+    }
     let report = json!({
         "suite": "local-faults",
         "soak": plan.soak,
@@ -585,10 +607,13 @@ async fn under_faults_and_sigkills_nothing_accepted_is_lost() {
         "delivered": books.delivered,
         "dead": books.dead + books.failed,
         "deadBySubscription": dead_by_subscription,
+        "deadAfterDelivered": books.dead_after_delivered,
         "lost": books.lost.len(),
         "unaccountedInApi": books.unfinished,
         "duplicateRequests": tallies.iter().map(|t| t.duplicates).sum::<u64>(),
         "invalidSignatures": tallies.iter().map(|t| t.invalid_signatures).sum::<u64>(),
+        "unexplainedDeliveries": books.unexpected.len(),
+        "webhookIdChanges": books.identity_changes + books.id_mismatches,
         "httpRequests": tallies.iter().map(|t| t.requests).sum::<u64>(),
         "attemptsLogged": listed.iter().map(|l| l.attempts).sum::<u64>(),
         "publishRetries": stats.retried_requests.load(Ordering::Relaxed),
@@ -600,6 +625,7 @@ async fn under_faults_and_sigkills_nothing_accepted_is_lost() {
         "restartMsMax": restart_ms.iter().max(),
         "totalSeconds": round(run_started.elapsed().as_secs_f64()),
         "faults": faults,
+        "attemptsSeenByServer": seen_by_server,
     });
     println!("{report}");
     if let Some(path) = std::env::var_os("TIDINGS_FAULT_REPORT") {
