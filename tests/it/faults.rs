@@ -684,3 +684,101 @@ async fn under_faults_and_sigkills_nothing_accepted_is_lost() {
 fn round(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
+
+/// The receivers' faults are what the figure calls them, seen from a plain HTTP client: a reset is
+/// a transport error, a slow answer a timeout, 429 carries `Retry-After`, a bad signature is 401
+/// and counted, and only a quick 2xx of a signed request counts as acknowledged.
+#[tokio::test]
+async fn the_fault_receiver_injects_and_counts_what_it_says() {
+    use tidings_core::domain::{Secret, Timestamp};
+    use tidings_tests::Fault;
+    tidings_core::sender::install_crypto_provider();
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(600))
+        .build()
+        .unwrap();
+    let none = FaultMix {
+        healthy: 0,
+        http500: 0,
+        http503: 0,
+        http429: 0,
+        slow: 0,
+        reset: 0,
+        retry_after_secs: 2,
+        slow_for: Duration::from_secs(2),
+    };
+    let secret = Secret::generate();
+    let receiver = TestReceiver::start().await;
+    receiver.verify_with(secret.expose());
+    let body =
+        r#"{"eventId":"evt_1","eventType":"t.x","occurredAt":"2026-01-01T00:00:00Z","data":{}}"#;
+    let post = |signature: String| {
+        let now = Timestamp::now().unix_seconds();
+        client
+            .post(receiver.url("/hook"))
+            .header("webhook-id", "dlv_1")
+            .header("webhook-timestamp", now.to_string())
+            .header("webhook-signature", signature)
+            .body(body)
+            .send()
+    };
+    let signed = || {
+        let now = Timestamp::now().unix_seconds();
+        tidings_core::signing::sign(secret.key(), "dlv_1", now, body.as_bytes())
+    };
+
+    receiver.inject_faults(
+        Some(FaultMix {
+            reset: 1,
+            ..none.clone()
+        }),
+        1,
+    );
+    let cut = post(signed()).await.unwrap_err();
+    assert!(!cut.is_timeout() && cut.status().is_none(), "{cut:?}");
+    receiver.inject_faults(
+        Some(FaultMix {
+            slow: 1,
+            ..none.clone()
+        }),
+        1,
+    );
+    assert!(post(signed()).await.unwrap_err().is_timeout());
+    receiver.inject_faults(
+        Some(FaultMix {
+            http429: 1,
+            ..none.clone()
+        }),
+        1,
+    );
+    let busy = post(signed()).await.unwrap();
+    assert_eq!(busy.status(), 429);
+    assert_eq!(busy.headers()["retry-after"], "2");
+    receiver.inject_faults(None, 0);
+    let other = Secret::generate();
+    let forged = tidings_core::signing::sign(
+        other.key(),
+        "dlv_1",
+        Timestamp::now().unix_seconds(),
+        body.as_bytes(),
+    );
+    assert_eq!(post(forged).await.unwrap().status(), 401);
+    assert_eq!(post(signed()).await.unwrap().status(), 200);
+    assert_eq!(post(signed()).await.unwrap().status(), 200);
+
+    let tally = receiver.tally();
+    assert_eq!(tally.requests, 6);
+    assert_eq!(tally.invalid_signatures, 1);
+    assert_eq!(
+        tally.faults.into_iter().collect::<Vec<_>>(),
+        [(Fault::Http429, 1), (Fault::Slow, 1), (Fault::Reset, 1)]
+    );
+    let ack = &tally.acknowledged["dlv_1"];
+    assert_eq!(
+        (ack.path.as_str(), ack.event_id.as_str()),
+        ("/hook", "evt_1")
+    );
+    assert_eq!(ack.times, 2);
+    assert_eq!(tally.duplicates, 1, "the second 200 was a duplicate");
+}
