@@ -231,6 +231,15 @@ async fn restart(listen: &str, dir: &Path, args: &[&str]) -> TidingsProcess {
     panic!("tidings serve did not come back on {listen}: {last}");
 }
 
+/// Fails the test when the server ended on its own (a crash the next kill would hide).
+fn still_running(server: &mut TidingsProcess, kills: u64) {
+    if let Some(status) = server.child.try_wait().expect("the server's status") {
+        panic!(
+            "tidings serve exited on its own ({status}) after {kills} kills; its stderr is above"
+        );
+    }
+}
+
 /// A free port on 127.0.0.1 below the kernel's ephemeral range: while the server is down between
 /// a kill and its restart, no outgoing connection can be given it as its local port.
 fn api_port() -> u16 {
@@ -489,6 +498,7 @@ async fn under_faults_and_sigkills_nothing_accepted_is_lost() {
     {
         let (low, high) = plan.kill_every;
         tokio::time::sleep(rng.random_range(low..=high)).await;
+        still_running(&mut server, kills);
         server.kill().await;
         kills += 1;
         let t = Instant::now();
@@ -554,6 +564,7 @@ async fn under_faults_and_sigkills_nothing_accepted_is_lost() {
         quiet_since = Instant::now();
     };
     let checked_after = drain_started.elapsed();
+    still_running(&mut server, kills);
     // Time to drain: from healthy receivers to the last delivery's final state.
     let last_update = listed.iter().map(|l| l.updated_at).max().unwrap();
     let drain_secs = (last_update - healthy_at).as_seconds_f64().max(0.0);
