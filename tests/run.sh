@@ -23,12 +23,18 @@ trap '[[ -n $moto_pid ]] && kill "$moto_pid" 2>/dev/null || true' EXIT
 start_emulator target/moto.log
 
 echo "==> running every test"
-rm -f target/cost-figures.json
+rm -f target/cost-figures.json target/fault-figures.json
 TIDINGS_COST_REPORT="$PWD/target/cost-figures.json" \
+TIDINGS_FAULT_REPORT="$PWD/target/fault-figures.json" \
     cargo test --workspace --all-features --locked --no-fail-fast
 # What a delivery costs on AWS, as the end-to-end run measured it (docs/cost.md).
 echo "==> DynamoDB and SQS usage per delivery (target/cost-figures.json)"
 cat target/cost-figures.json
+# The fault suite's books (docs/architecture.md): accepted, delivered, dead, lost (0), faults by kind.
+if [[ -f target/fault-figures.json ]]; then
+    echo "==> under faults and SIGKILLs (target/fault-figures.json)"
+    cat target/fault-figures.json
+fi
 
 # ==== Deployment checks (issue 4; docs/deploy.md) ============================================
 # After the tests: the SAM template must pass cfn-lint and `sam validate --lint`, the three Lambda

@@ -1,5 +1,5 @@
-//! The store's hot writes on SQLite: `insert_event` of an event with one delivery (what every
-//! publish commits) and `update_delivery` with its version check (what every attempt commits,
+//! The store's hot writes on SQLite: `insert_event` of an event owing its fan-out (what every
+//! publish commits) and `update_delivery` with its version check (what every retry commits,
 //! twice: the lease, then the outcome).
 //!
 //! Each runs on a file-backed `SqliteStore` in a temporary directory (WAL, `synchronous=FULL`:
@@ -31,8 +31,8 @@ const LEASE: Duration = Duration::from_secs(30);
 /// Writes in flight in the concurrent variant.
 const CONCURRENCY: usize = 32;
 
-/// An event with ~1 KiB of `data` and one pending delivery.
-fn template() -> NewEvent {
+/// An event with ~1 KiB of `data`, and the delivery its fan-out makes.
+fn template() -> (NewEvent, Delivery) {
     let tenant = TenantId::parse("acme").expect("tenant");
     let now = Timestamp::now();
     let data = format!(
@@ -56,32 +56,28 @@ fn template() -> NewEvent {
         Duration::ZERO,
         GRACE,
     );
-    NewEvent {
+    let owed = now.saturating_add(GRACE);
+    let new = NewEvent {
         event,
-        deliveries: vec![delivery],
         idempotency_key: None,
-    }
+        fan_out_due_at: Some(owed),
+    };
+    (new, delivery)
 }
 
-/// The template under a new event id (and so new delivery ids).
-fn fresh(template: &NewEvent) -> NewEvent {
-    let mut new = template.clone();
+/// The template under a new event id (and so a new delivery id).
+fn fresh(template: &(NewEvent, Delivery)) -> (NewEvent, Delivery) {
+    let (mut new, d) = template.clone();
     new.event.id = EventId::generate();
-    new.deliveries = new
-        .deliveries
-        .iter()
-        .map(|d| {
-            Delivery::new(
-                d.tenant_id().clone(),
-                new.event.id.clone(),
-                d.subscription_id().clone(),
-                d.created_at(),
-                Duration::ZERO,
-                GRACE,
-            )
-        })
-        .collect();
-    new
+    let d = Delivery::new(
+        d.tenant_id().clone(),
+        new.event.id.clone(),
+        d.subscription_id().clone(),
+        d.created_at(),
+        Duration::ZERO,
+        GRACE,
+    );
+    (new, d)
 }
 
 /// The next state of a delivery in a busy worker's life: leased, then released again (as when
@@ -132,7 +128,7 @@ fn store_writes(c: &mut Criterion) {
     for (name, store) in &backends {
         group.bench_function(BenchmarkId::new("insert_event", name), |b| {
             b.to_async(&rt).iter_batched(
-                || fresh(&template),
+                || fresh(&template).0,
                 |new| async move {
                     let outcome = store.insert_event(&new).await.expect("insert_event");
                     assert_eq!(outcome, InsertOutcome::Created);
@@ -143,17 +139,21 @@ fn store_writes(c: &mut Criterion) {
 
         group.bench_function(BenchmarkId::new("update_delivery", name), |b| {
             b.to_async(&rt).iter_custom(|iters| {
-                let new = fresh(&template);
+                let (new, delivery) = fresh(&template);
                 async move {
                     store.insert_event(&new).await.expect("insert_event");
-                    let mut current = new.deliveries[0].clone();
+                    store
+                        .insert_delivery(&delivery)
+                        .await
+                        .expect("insert_delivery");
+                    let mut current = delivery.clone();
                     let states: Vec<Delivery> = (0..iters)
                         .map(|i| {
                             current = next_state(&current, i);
                             current.clone()
                         })
                         .collect();
-                    let mut version = new.deliveries[0].version();
+                    let mut version = delivery.version();
                     let start = Instant::now();
                     for next in &states {
                         store
@@ -177,7 +177,7 @@ fn store_writes(c: &mut Criterion) {
                 b.to_async(&rt).iter_batched(
                     || {
                         (0..CONCURRENCY)
-                            .map(|_| fresh(&template))
+                            .map(|_| fresh(&template).0)
                             .collect::<Vec<_>>()
                     },
                     |batch| async move {

@@ -16,8 +16,8 @@ use crate::domain::{
     Subscription, SubscriptionId, SubscriptionStatus, TenantId, Timestamp,
 };
 use crate::ports::{
-    Clock, DeliveryJob, DeliveryQueue, FanOutJob, InsertOutcome, Job, NewEvent, Page, PageRequest,
-    Store, StoreError,
+    Clock, DeliveryJob, DeliveryQueue, DueDelivery, FanOutJob, InsertOutcome, Job, NewEvent, Page,
+    PageRequest, Store, StoreError,
 };
 use crate::retry::{self, AttemptClass, RetrySchedule};
 use crate::sender::{HttpSender, OutboundRequest, SendOutcome, TransportFailure};
@@ -33,6 +33,8 @@ pub const MAX_PAGE_LIMIT: u32 = 250;
 pub const MAX_BATCH_EVENTS: usize = 100;
 /// Events of one batch written to the store at once.
 const BATCH_WRITES_AT_ONCE: usize = 16;
+/// Due deliveries one sweep round claims at once (each claim is a read and a conditional write).
+const SWEEP_CLAIMS_AT_ONCE: usize = 16;
 pub const DEFAULT_PAGE_LIMIT: u32 = 50;
 /// Why a delivery is held.
 const PAUSED: &str = "subscription is paused";
@@ -1251,48 +1253,26 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             found: due.len(),
             ..Default::default()
         };
-        let mut jobs = Vec::with_capacity(due.len());
-        for item in due {
-            let Some(current) = self
-                .store
-                .get_delivery(&item.tenant_id, &item.delivery_id)
-                .await?
-            else {
-                continue;
-            };
-            if current.due_at() != Some(item.due_at) {
-                continue; // changed since the index was read
-            }
-            let Some(claimed) = current.claimed(now, self.config.sweep_grace) else {
-                // A worker holds it: due again once its lease runs out (should the worker die),
-                // and out of the way of what is due behind it meanwhile.
-                report.in_flight += 1;
-                if let Some(deferred) = current.deferred(now, self.config.sweep_grace) {
-                    match self
-                        .store
-                        .update_delivery(&deferred, current.version())
-                        .await
-                    {
-                        Ok(()) => report.deferred += 1,
-                        Err(StoreError::Conflict) => {}
-                        Err(e) => return Err(e),
-                    }
+        // Claimed a few at a time, not one after another: each claim is its own version-checked
+        // write, and on SQLite each waits for a commit's fsync, so one by one a sweep moved about
+        // 450 deliveries a second on a 2-core machine, and that was the drain rate after a crash
+        // with a backlog (found by the local fault suite, tests/it/faults.rs). The claims are
+        // independent; the outcome is the same as in sequence.
+        let swept = join_bounded(
+            due.into_iter().map(|item| self.sweep_one(item, now)),
+            SWEEP_CLAIMS_AT_ONCE,
+        )
+        .await;
+        let mut jobs = Vec::with_capacity(swept.len());
+        for outcome in swept {
+            match outcome? {
+                Swept::Skipped => {}
+                Swept::InFlight { deferred } => {
+                    report.in_flight += 1;
+                    report.deferred += usize::from(deferred);
                 }
-                continue;
-            };
-            match self
-                .store
-                .update_delivery(&claimed, current.version())
-                .await
-            {
-                Err(StoreError::Conflict) => continue,
-                other => other?,
+                Swept::Claimed(job) => jobs.push(job),
             }
-            let delay = claimed
-                .next_attempt_at()
-                .map(|t| now.until(t).min(self.queue.max_delay()))
-                .unwrap_or_default();
-            jobs.push((job_for(&claimed), delay));
         }
         // Events whose fan-out job was lost, or whose worker died on the way: fanned out again,
         // as a recovery (deliveries made already are left alone).
@@ -1329,6 +1309,57 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         }
         Ok(report)
     }
+
+    /// One due delivery of a sweep: claimed (its job to enqueue), deferred past a live lease, or
+    /// left alone (changed since the index was read, or claimed by another sweep).
+    async fn sweep_one(&self, item: DueDelivery, now: Timestamp) -> Result<Swept, StoreError> {
+        let Some(current) = self
+            .store
+            .get_delivery(&item.tenant_id, &item.delivery_id)
+            .await?
+        else {
+            return Ok(Swept::Skipped);
+        };
+        if current.due_at() != Some(item.due_at) {
+            return Ok(Swept::Skipped); // changed since the index was read
+        }
+        let Some(claimed) = current.claimed(now, self.config.sweep_grace) else {
+            // A worker holds it: due again once its lease runs out (should the worker die),
+            // and out of the way of what is due behind it meanwhile.
+            let Some(deferred) = current.deferred(now, self.config.sweep_grace) else {
+                return Ok(Swept::InFlight { deferred: false });
+            };
+            return match self
+                .store
+                .update_delivery(&deferred, current.version())
+                .await
+            {
+                Ok(()) => Ok(Swept::InFlight { deferred: true }),
+                Err(StoreError::Conflict) => Ok(Swept::InFlight { deferred: false }),
+                Err(e) => Err(e),
+            };
+        };
+        match self
+            .store
+            .update_delivery(&claimed, current.version())
+            .await
+        {
+            Err(StoreError::Conflict) => return Ok(Swept::Skipped),
+            other => other?,
+        }
+        let delay = claimed
+            .next_attempt_at()
+            .map(|t| now.until(t).min(self.queue.max_delay()))
+            .unwrap_or_default();
+        Ok(Swept::Claimed((job_for(&claimed), delay)))
+    }
+}
+
+/// What the sweep did with one due delivery.
+enum Swept {
+    Skipped,
+    InFlight { deferred: bool },
+    Claimed((Job, Duration)),
 }
 
 #[cfg(all(test, feature = "sqlite"))]
@@ -1644,7 +1675,8 @@ mod tests {
         app.update_subscription(&a, &sub.id, status(SubscriptionStatus::Paused))
             .await
             .unwrap();
-        let jobs = fan_out_queued(&app, &Refuses).await;
+        let held = fan_out_queued(&app, &Refuses).await;
+        assert_eq!(held.len(), 1);
         // Resumed by a write the release did not follow (as when the resume's list lagged).
         let mut active = app.get_subscription(&a, &sub.id).await.unwrap();
         active.status = SubscriptionStatus::Active;

@@ -16,9 +16,7 @@ use tidings_core::aws::dynamo::{
     DUE_AT, DUE_INDEX, DUE_SHARD, DUE_SHARDS, DynamoStore, LIST_INDEX, PK, TTL_ATTRIBUTE,
     load_sdk_config,
 };
-use tidings_core::conformance::{
-    GRACE, deliveries_of, delivery_pages, new_event, subscription, tenant, ts,
-};
+use tidings_core::conformance::{new_event, subscription, tenant, ts};
 use tidings_core::domain::{Subscription, TenantId, Timestamp};
 use tidings_core::ports::{InsertOutcome, Store};
 

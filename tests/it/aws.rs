@@ -400,11 +400,7 @@ async fn a_fan_out_that_died_half_way_delivers_each_subscription_once() {
     let got_two = receiver.wait_for("/two", 1, WAIT).await;
     tokio::time::sleep(Duration::from_secs(5)).await; // past another sweep's grace
     for (sub, got, path) in [(&one, &got_one, "/one"), (&two, &got_two, "/two")] {
-        assert_eq!(
-            receiver.received_on(path).len(),
-            1,
-            "one webhook to {path}"
-        );
+        assert_eq!(receiver.received_on(path).len(), 1, "one webhook to {path}");
         let sub_id = SubscriptionId::parse(sub["subscriptionId"].as_str().unwrap()).unwrap();
         let id = DeliveryId::derive(&tenant, &published.event_id, &sub_id);
         assert_eq!(got[0].header("webhook-id"), id.as_str());

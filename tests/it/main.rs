@@ -8,3 +8,4 @@ mod aws_faults;
 mod delivery;
 mod durability;
 mod egress;
+mod faults;

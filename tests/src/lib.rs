@@ -7,15 +7,19 @@
 
 pub mod aws_local;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -89,13 +93,271 @@ impl Reply {
     }
 }
 
+/// Random faults a receiver answers with, by weight: each request draws one kind (or `healthy`,
+/// which falls through to the script and the default).
+#[derive(Debug, Clone)]
+pub struct FaultMix {
+    pub healthy: u32,
+    /// `500 Internal Server Error`.
+    pub http500: u32,
+    /// `503 Service Unavailable`.
+    pub http503: u32,
+    /// `429 Too Many Requests` with `Retry-After: retry_after_secs`.
+    pub http429: u32,
+    /// Sleeps `slow_for` (set it past the sender's timeout), then answers 200 to no one.
+    pub slow: u32,
+    /// Reads the request, then resets the connection (SO_LINGER 0): no answer at all.
+    pub reset: u32,
+    pub retry_after_secs: u64,
+    pub slow_for: Duration,
+}
+
+/// One kind of fault a receiver injected; `as_str` names it in figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fault {
+    Http500,
+    Http503,
+    Http429,
+    Slow,
+    Reset,
+}
+
+impl Fault {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http500 => "http500",
+            Self::Http503 => "http503",
+            Self::Http429 => "http429RetryAfter",
+            Self::Slow => "slowPastTimeout",
+            Self::Reset => "connectionReset",
+        }
+    }
+}
+
+impl FaultMix {
+    fn draw(&self, rng: &mut impl rand::Rng) -> Option<Fault> {
+        let weights = [
+            (None, self.healthy),
+            (Some(Fault::Http500), self.http500),
+            (Some(Fault::Http503), self.http503),
+            (Some(Fault::Http429), self.http429),
+            (Some(Fault::Slow), self.slow),
+            (Some(Fault::Reset), self.reset),
+        ];
+        let total: u32 = weights.iter().map(|(_, w)| w).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut pick = rng.random_range(0..total);
+        for (fault, weight) in weights {
+            if pick < weight {
+                return fault;
+            }
+            pick -= weight;
+        }
+        None
+    }
+
+    fn reply(&self, fault: Fault) -> Reply {
+        match fault {
+            Fault::Http500 => Reply::status(500),
+            Fault::Http503 => Reply::status(503),
+            Fault::Http429 => {
+                Reply::status(429).header("retry-after", self.retry_after_secs.to_string())
+            }
+            Fault::Slow => Reply {
+                delay: self.slow_for,
+                ..Reply::status(200)
+            },
+            Fault::Reset => Reply::status(200),
+        }
+    }
+}
+
+/// A message the receiver answered with a quick 2xx (a fault's late or cut answer does not count).
+#[derive(Debug, Clone)]
+pub struct Acknowledged {
+    pub path: String,
+    /// The delivered body's `eventId`.
+    pub event_id: String,
+    /// How many requests for this `webhook-id` got a quick 2xx.
+    pub times: u32,
+}
+
+/// What a receiver counted, kept even when it does not keep the requests themselves.
+#[derive(Debug, Clone, Default)]
+pub struct Tally {
+    pub requests: u64,
+    /// Requests whose signature did not verify with the secret given to `verify_with`
+    /// (answered 401).
+    pub invalid_signatures: u64,
+    /// Requests for a `webhook-id` that had already been acknowledged: what a consumer dedupes.
+    pub duplicates: u64,
+    pub faults: BTreeMap<Fault, u64>,
+    /// By `webhook-id`.
+    pub acknowledged: HashMap<String, Acknowledged>,
+}
+
 #[derive(Default)]
 struct ReceiverState {
     received: Vec<Received>,
+    /// Whether `received` grows; a long fault run keeps only the tally.
+    keep: bool,
     script: VecDeque<Reply>,
     default: Option<Reply>,
     first_attempt: Option<Reply>,
     seen_ids: HashSet<String>,
+    faults: Option<(FaultMix, rand::rngs::StdRng)>,
+    /// The key of the subscription's `whsec_` secret, to check every request as a consumer would.
+    secret_key: Option<Vec<u8>>,
+    tally: Tally,
+}
+
+/// A connection the receiver can cut: once `reset` is set, its next read or write fails and the
+/// socket is closed with SO_LINGER 0, so the client sees a TCP reset instead of an answer.
+struct CuttableStream {
+    inner: tokio::net::TcpStream,
+    reset: Arc<AtomicBool>,
+}
+
+impl CuttableStream {
+    fn cut(&self) -> Option<std::io::Error> {
+        if !self.reset.load(Ordering::Relaxed) {
+            return None;
+        }
+        let _ = self.inner.set_zero_linger();
+        Some(std::io::ErrorKind::ConnectionReset.into())
+    }
+}
+
+impl tokio::io::AsyncRead for CuttableStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if let Some(e) = self.cut() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CuttableStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if let Some(e) = self.cut() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        if let Some(e) = self.cut() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if let Some(e) = self.cut() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if let Some(e) = self.cut() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The receiver's listener: hands each connection a switch its handler can use to cut it.
+struct CuttableListener(tokio::net::TcpListener);
+
+/// A handler's way to cut the connection its request came on.
+#[derive(Clone, Debug)]
+struct ConnectionSwitch(Arc<AtomicBool>);
+
+impl axum::serve::Listener for CuttableListener {
+    type Io = CuttableStream;
+    type Addr = ConnectionSwitch;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.0.accept().await {
+                Ok((inner, _)) => {
+                    let reset = Arc::new(AtomicBool::new(false));
+                    let switch = ConnectionSwitch(Arc::clone(&reset));
+                    return (CuttableStream { inner, reset }, switch);
+                }
+                // Out of descriptors and the like: wait, as axum's own listener does.
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(ConnectionSwitch(Arc::new(AtomicBool::new(false))))
+    }
+}
+
+impl Connected<axum::serve::IncomingStream<'_, CuttableListener>> for ConnectionSwitch {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, CuttableListener>) -> Self {
+        stream.remote_addr().clone()
+    }
+}
+
+/// The Standard Webhooks check written out independently of `tidings_core::signing`: HMAC-SHA256
+/// over `{id}.{timestamp}.{body}` with the secret's key, compared with every `v1,` signature in
+/// the header, and a timestamp within five minutes of now.
+fn signature_valid(key: &[u8], headers: &HeaderMap, body: &[u8]) -> bool {
+    use base64::Engine as _;
+    use hmac::Mac as _;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let (Some(id), Some(timestamp), Some(signatures)) = (
+        header("webhook-id"),
+        header("webhook-timestamp"),
+        header("webhook-signature"),
+    ) else {
+        return false;
+    };
+    let Ok(sent_at) = timestamp.parse::<i64>() else {
+        return false;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    if (now - sent_at).abs() > 300 {
+        return false;
+    }
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("any key length");
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body);
+    let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    signatures
+        .split(' ')
+        .filter_map(|s| s.strip_prefix("v1,"))
+        .any(|s| s == expected)
+}
+
+#[derive(serde::Deserialize)]
+struct DeliveredEventId {
+    #[serde(rename = "eventId")]
+    event_id: String,
 }
 
 /// A real HTTP receiver on 127.0.0.1 that records every request.
@@ -108,22 +370,63 @@ pub struct TestReceiver {
 
 impl TestReceiver {
     pub async fn start() -> Self {
-        let state = Arc::new(Mutex::new(ReceiverState::default()));
-        let router = Router::new()
-            .fallback(record)
-            .with_state(Arc::clone(&state));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind receiver");
+        Self::serve(listener)
+    }
+
+    fn serve(listener: tokio::net::TcpListener) -> Self {
+        let state = Arc::new(Mutex::new(ReceiverState {
+            keep: true,
+            ..ReceiverState::default()
+        }));
+        let router = Router::new()
+            .fallback(record)
+            .with_state(Arc::clone(&state));
         let addr = listener.local_addr().expect("receiver addr");
         let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
+            let _ = axum::serve(
+                CuttableListener(listener),
+                router.into_make_service_with_connect_info::<ConnectionSwitch>(),
+            )
+            .await;
         });
         Self {
             addr,
             state,
             _server: Arc::new(server),
         }
+    }
+
+    /// Stops keeping every request (the tally still counts): for runs of many thousands.
+    pub fn keep_requests(&self, keep: bool) {
+        self.state.lock().unwrap().keep = keep;
+    }
+
+    /// Checks every request's signature with this `whsec_` secret; a bad one is answered 401
+    /// and counted in [`Tally::invalid_signatures`].
+    pub fn verify_with(&self, secret: &str) {
+        let secret = tidings_core::domain::Secret::parse(secret).expect("a whsec_ secret");
+        self.state.lock().unwrap().secret_key = Some(secret.key().to_vec());
+    }
+
+    /// Answers with random faults drawn from `mix` (seeded, so a run can be repeated), or, with
+    /// `None`, healthily again.
+    pub fn inject_faults(&self, mix: Option<FaultMix>, seed: u64) {
+        use rand::SeedableRng as _;
+        self.state.lock().unwrap().faults =
+            mix.map(|mix| (mix, rand::rngs::StdRng::seed_from_u64(seed)));
+    }
+
+    /// What the receiver counted so far.
+    pub fn tally(&self) -> Tally {
+        self.state.lock().unwrap().tally.clone()
+    }
+
+    /// Requests so far, cheaply (no copy of the tally).
+    pub fn request_count(&self) -> u64 {
+        self.state.lock().unwrap().tally.requests
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -175,33 +478,116 @@ impl TestReceiver {
     }
 }
 
+/// A port on 127.0.0.1 where nothing listens yet (connections to it are refused), held so that no
+/// other socket can take it meanwhile; [`ClosedPort::open`] starts a receiver on it.
+pub struct ClosedPort {
+    socket: tokio::net::TcpSocket,
+    pub addr: SocketAddr,
+}
+
+impl ClosedPort {
+    pub fn new() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+        socket
+            .bind("127.0.0.1:0".parse().unwrap())
+            .expect("bind a closed port");
+        let addr = socket.local_addr().expect("closed port addr");
+        Self { socket, addr }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Starts listening: a receiver as [`TestReceiver::start`] makes, on this port.
+    pub fn open(self) -> TestReceiver {
+        TestReceiver::serve(self.socket.listen(1024).expect("listen"))
+    }
+}
+
+impl Default for ClosedPort {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 async fn record(
     State(state): State<Arc<Mutex<ReceiverState>>>,
+    ConnectInfo(connection): ConnectInfo<ConnectionSwitch>,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let reply = {
-        let mut s = state.lock().unwrap();
+    let (reply, fault) = {
+        let mut guard = state.lock().unwrap();
+        let s = &mut *guard;
         let webhook_id = headers
             .get("webhook-id")
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
-        s.received.push(Received {
-            path: uri.path().to_owned(),
-            headers,
-            body,
-            at: Instant::now(),
-        });
-        let first = s.seen_ids.insert(webhook_id);
-        s.first_attempt
-            .clone()
-            .filter(|_| first)
-            .or_else(|| s.script.pop_front())
-            .or_else(|| s.default.clone())
-            .unwrap_or_else(|| Reply::status(200))
+        s.tally.requests += 1;
+        let signed = s
+            .secret_key
+            .as_deref()
+            .is_none_or(|key| signature_valid(key, &headers, &body));
+        let first = s.seen_ids.insert(webhook_id.clone());
+        let acknowledged_before = s.tally.acknowledged.contains_key(&webhook_id);
+        if acknowledged_before {
+            s.tally.duplicates += 1;
+        }
+        let fault = match &mut s.faults {
+            Some((mix, rng)) if signed => mix.draw(rng).map(|f| (f, mix.reply(f))),
+            _ => None,
+        };
+        let reply = if !signed {
+            s.tally.invalid_signatures += 1;
+            Reply::status(401).body("invalid signature")
+        } else if let Some((kind, reply)) = &fault {
+            *s.tally.faults.entry(*kind).or_default() += 1;
+            reply.clone()
+        } else {
+            s.first_attempt
+                .clone()
+                .filter(|_| first)
+                .or_else(|| s.script.pop_front())
+                .or_else(|| s.default.clone())
+                .unwrap_or_else(|| Reply::status(200))
+        };
+        let quick_success = signed
+            && fault.is_none()
+            && reply.delay.is_zero()
+            && (200..300).contains(&reply.status);
+        if quick_success && !webhook_id.is_empty() {
+            let event_id = serde_json::from_slice::<DeliveredEventId>(&body)
+                .map(|b| b.event_id)
+                .unwrap_or_default();
+            let path = uri.path().to_owned();
+            s.tally
+                .acknowledged
+                .entry(webhook_id)
+                .or_insert(Acknowledged {
+                    path,
+                    event_id,
+                    times: 0,
+                })
+                .times += 1;
+        }
+        if s.keep {
+            s.received.push(Received {
+                path: uri.path().to_owned(),
+                headers,
+                body,
+                at: Instant::now(),
+            });
+        }
+        (reply, fault.map(|(f, _)| f))
     };
+    if fault == Some(Fault::Reset) {
+        // Whatever is answered now is never written: the connection is cut instead.
+        connection.0.store(true, Ordering::Relaxed);
+    }
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
     }
@@ -263,6 +649,20 @@ impl ApiClient {
         body: Option<&[u8]>,
         headers: &[(&str, &str)],
     ) -> ApiResponse {
+        self.try_send(method, path, body, headers)
+            .await
+            .expect("API request")
+    }
+
+    /// As [`ApiClient::send`], but a request that got no complete answer (refused, reset,
+    /// timed out: the server may have died) is an `Err` rather than a panic.
+    pub async fn try_send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> Result<ApiResponse, reqwest::Error> {
         let mut request = self
             .http
             .request(method, format!("{}{path}", self.base))
@@ -275,21 +675,21 @@ impl ApiClient {
         for (k, v) in headers {
             request = request.header(*k, *v);
         }
-        let response = request.send().await.expect("API request");
+        let response = request.send().await?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let bytes = response.bytes().await.expect("API body");
+        let bytes = response.bytes().await?;
         let body = if bytes.is_empty() {
             Value::Null
         } else {
             serde_json::from_slice(&bytes)
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
-        ApiResponse {
+        Ok(ApiResponse {
             status,
             headers,
             body,
-        }
+        })
     }
 
     pub async fn get(&self, path: &str) -> ApiResponse {
@@ -356,6 +756,26 @@ impl ApiClient {
                 "timed out waiting for {n} deliveries listed: {list:#?}"
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Every delivery of the subscription, page by page (250 a page).
+    pub async fn all_deliveries(&self, subscription_id: &str) -> Vec<Value> {
+        let mut all = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path = format!("/webhook-subscriptions/{subscription_id}/deliveries?limit=250");
+            if let Some(cursor) = &cursor {
+                path.push_str("&cursor=");
+                path.push_str(cursor);
+            }
+            let r = self.get(&path).await;
+            assert_eq!(r.status, 200, "deliveries: {:?}", r.body);
+            all.extend(r.body["data"].as_array().cloned().unwrap_or_default());
+            match r.body["nextCursor"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => return all,
+            }
         }
     }
 
@@ -479,13 +899,25 @@ pub struct TidingsProcess {
 impl TidingsProcess {
     /// Starts `tidings serve --listen 127.0.0.1:0 --data-dir DIR ARGS…` and waits for its banner.
     pub async fn serve(data_dir: &Path, args: &[&str]) -> Self {
+        Self::serve_on("127.0.0.1:0", data_dir, args)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts `tidings serve --listen LISTEN --data-dir DIR ARGS…` and waits for its banner; an
+    /// `Err` says why it did not start (e.g. the port was taken).
+    pub async fn serve_on(listen: &str, data_dir: &Path, args: &[&str]) -> Result<Self, String> {
         use tokio::io::AsyncBufReadExt as _;
         let mut child = tokio::process::Command::new(binary_path("tidings"))
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["--listen", listen, "--data-dir"])
             .arg(data_dir)
             .args(args)
-            .env("TIDINGS_LOG", "warn")
+            // `TIDINGS_SERVE_LOG=info cargo test …` shows what the server did; it logs to stderr.
+            .env(
+                "TIDINGS_LOG",
+                std::env::var("TIDINGS_SERVE_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -507,17 +939,16 @@ impl TidingsProcess {
             }
         })
         .await;
-        assert!(
-            started.is_ok(),
-            "tidings serve printed no banner within 30 s"
-        );
+        let (Ok(()), Some(base), Some(key)) = (started, base, key) else {
+            let _ = child.kill().await;
+            return Err(format!(
+                "tidings serve --listen {listen} printed no banner within 30 s (its stderr says why)"
+            ));
+        };
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let api = ApiClient::new(
-            base.expect("API line in banner"),
-            key.expect("API key line in banner"),
-        );
-        Self { child, api }
+        let api = ApiClient::new(base, key);
+        Ok(Self { child, api })
     }
 
     /// SIGKILL: no shutdown code runs.
