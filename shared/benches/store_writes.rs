@@ -80,14 +80,14 @@ fn fresh(template: &(NewEvent, Delivery)) -> (NewEvent, Delivery) {
     (new, d)
 }
 
-/// The next state of a delivery in a busy worker's life: leased, then released again (as when
-/// its event is not there yet), alternately. Every write is version-checked like a real one.
+/// The next state of a delivery in a busy worker's life: leased, then released again (as after
+/// a crash), alternately. Every write is version-checked like a real one.
 fn next_state(current: &Delivery, i: u64) -> Delivery {
     let now = current
         .created_at()
         .saturating_add(Duration::from_millis(i + 1));
     if current.current_lease().is_some() {
-        current.postponed(now, now)
+        current.recovered(now).expect("a leased delivery is recoverable")
     } else {
         current
             .leased(now, "lease-token-0123456789".to_owned(), LEASE)

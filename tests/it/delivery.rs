@@ -214,17 +214,22 @@ async fn exhausted_delivery_is_dead_and_an_operator_retry_resends_it() {
 
 #[tokio::test]
 async fn resends_are_refused_while_a_delivery_is_unfinished_and_bounded_in_number() {
-    // The first attempt waits 30 s: the delivery stays pending meanwhile.
-    let server = TestServer::start(|c| c.schedule = "30s,1s".parse().unwrap()).await;
+    // The first attempt fails and the next waits 30 s: the delivery is unfinished meanwhile.
+    let server = TestServer::start(|c| c.schedule = "0s,30s".parse().unwrap()).await;
     let receiver = TestReceiver::start().await;
+    receiver.script([Reply::status(503)]);
     let sub = server.api.subscribe(&receiver.url("/r"), &["a.b"]).await;
     server.api.publish("a.b", json!(1)).await;
     let id = only_delivery(&server.api, &sub).await;
+    server
+        .api
+        .wait_delivery(&id, WAIT, |d| d["status"] == "retrying")
+        .await;
     let early = server
         .api
         .post(&format!("/deliveries/{id}/retry"), &Value::Null)
         .await;
-    assert_eq!(early.status, 409, "pending: {:?}", early.body);
+    assert_eq!(early.status, 409, "retrying: {:?}", early.body);
     assert_eq!(early.body["type"], "urn:tidings:problem:conflict");
 
     // Made to fail at once (the receiver refuses it with a 400), it can be resent 20 times;

@@ -13,14 +13,15 @@
 //!   never write to this index.
 //! - Index `due`: `due_shard` (Number, HASH), `due_at` (Number, RANGE, epoch milliseconds);
 //!   projection `KEYS_ONLY`. Sparse: both attributes exist only while the delivery's `due_at` is
-//!   set, so the sweep reads live work only. The shard (`0..DUE_SHARDS`, from a hash of the
-//!   delivery id) spreads the index over [`DUE_SHARDS`] partition keys.
+//!   set, or while an event owes its fan-out, so the sweep reads live work only. The shard (from
+//!   a hash of the id: `0..DUE_SHARDS` for deliveries, [`FAN_OUT_SHARD_BASE`]`..+DUE_SHARDS` for
+//!   events) spreads the index over partition keys and keeps the two kinds apart.
 //!
 //! | item | `pk` | `list_pk` / `list_sk` | `due_shard` / `due_at` | other attributes |
 //! | --- | --- | --- | --- | --- |
 //! | API key | `KEY#{key_hash}` | | | `api_key` (map) |
 //! | subscription | `T#{tenant}#SUB#{id}` | `T#{tenant}#SUBS` / `{id}` | | `subscription` (map) |
-//! | event | `T#{tenant}#EVT#{id}` | | | `event` (map, `data` a string), `expires_at` |
+//! | event | `T#{tenant}#EVT#{id}` | | while its fan-out is owed | `event` (map, `data` a string), `expires_at` |
 //! | idempotency key | `T#{tenant}#IDEM#{key}` | | | `event_id`, `expires_at` |
 //! | delivery | `T#{tenant}#DLV#{id}` | `T#{tenant}#SUB#{subscription}#DLVS` / `{created ms, 13 digits}#{id}` | while due | `delivery` (map), `expires_at` |
 //!
@@ -50,10 +51,13 @@
 //! | `update_subscription` | 1 `PutItem` (version condition, `ALL_OLD` on failure), then `Query`s on `list` until it shows the new version |
 //! | `delete_subscription` | 1 `DeleteItem` (`attribute_exists`), then `Query`s on `list` until the subscription is gone from it |
 //! | `tenant_subscriptions` | 1 `Query` on `list` |
-//! | `insert_event`, no idempotency key, 1 or more deliveries | 1 `BatchGetItem` (is it a repeat?) + n conditional `PutItem`s (deliveries, 25 at a time; the same write units as a `BatchWriteItem`) + 1 conditional `PutItem` (the event): no transaction, so half the write units. A repeat stops after the read; one racing past it writes no delivery anew (the ids are derived) |
-//! | `insert_event`, up to 98 deliveries, with an idempotency key | 1 `TransactWriteItems` (event, key, deliveries); a known key adds 1 `GetItem` (the first event's fingerprint) |
-//! | `insert_event`, more deliveries, with a key | 1 `BatchGetItem` (is it a repeat?) + n conditional `PutItem`s (deliveries) + 1 `TransactWriteItems` (event + key) |
+//! | `insert_event`, no idempotency key | 1 conditional `PutItem` (`attribute_not_exists`, `ALL_OLD` on failure: a repeat is told by the old item, with no read before) |
+//! | `insert_event`, with an idempotency key | 1 `TransactWriteItems` (event + key); a known key adds 1 `GetItem` (the first event's fingerprint) |
 //! | `get_event` | 1 `GetItem` (eventually consistent; a second, strong one on a miss) |
+//! | `fanned_out` | 1 `UpdateItem` (`REMOVE` the due attributes, `attribute_exists`) |
+//! | `due_fan_outs` | [`DUE_SHARDS`] `Query`s on `due` (the events' shards), run concurrently |
+//! | `claim_fan_out` | 1 `UpdateItem` (`SET due_at`, conditional on the `due_at` read) |
+//! | `insert_delivery` | 1 `PutItem` (`attribute_not_exists`, `ALL_OLD` on failure) |
 //! | `get_delivery` | 1 `GetItem` |
 //! | `update_delivery` | 1 `PutItem` (version condition, `ALL_OLD` on failure) |
 //! | `list_deliveries` | 1 `Query` on `list` (keys) + 1 `BatchGetItem` per 100 items of the page |
@@ -63,23 +67,16 @@
 //! this service's item sizes and page limits in normal operation.
 //!
 //! Index writes per delivery write: `list` only when the delivery is created (keys only);
-//! `due` when `due_at` changes (a changed key is a delete plus a put in the index).
+//! `due` when `due_at` changes (a changed key is a delete plus a put in the index). Per event:
+//! `due` when it is written owing its fan-out, and when the fan-out is done.
 //!
-//! # Deliveries first: events without a key, and large fan-out
+//! # Events first, deliveries with their first attempt
 //!
-//! `TransactWriteItems` takes at most 100 items, and bills every item twice. An event without an
-//! idempotency key (its own id is the only thing to guard, and a conditional `PutItem` does that),
-//! and an event with more deliveries than a transaction holds, write the deliveries first (each
-//! only if it does not exist, or is an orphan) and the event with its idempotency key last, in
-//! one conditional `PutItem` or one transaction. The event becomes visible only when all its
-//! deliveries exist, so an accepted event never misses a delivery. Should the process die between
-//! the two steps, the deliveries stay without an accepted event: the producer got no answer and
-//! publishes again (a queued message comes back by itself). A retry with the same event id
-//! derives the same delivery ids and leaves the deliveries it finds alone; one with a new event
-//! id (the API generated it) leaves orphans, which a worker ends visibly ("its event was never
-//! stored") 16 minutes after their creation, when no publish can still be writing their event.
-//! Nothing is ever deleted: a delivery id names one (event, subscription), so what an earlier or
-//! concurrent try wrote is the same delivery.
+//! An event is written alone (with its idempotency key, if any, in a two-item transaction),
+//! carrying the due attributes while it owes its fan-out; its deliveries are written by the
+//! fan-out, each once its first attempt is made, only if it does not exist yet. Nothing is ever
+//! deleted: a delivery id names one (event, subscription), so what an earlier or concurrent
+//! fan-out wrote is the same delivery.
 //!
 //! # Lost answers
 //!

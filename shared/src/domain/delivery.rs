@@ -199,16 +199,6 @@ pub enum NotResendable {
 }
 
 impl Delivery {
-    /// The reason a delivery ends with when its event never appeared: the publish that wrote it
-    /// died before writing the event (the producer got no answer). Stores let a later try of
-    /// that publish write the delivery anew over such an orphan.
-    pub const ORPHAN_REASON: &'static str =
-        "its event was never stored: the publish did not complete";
-
-    /// How long a delivery waits for its event to appear before it is ended as an orphan:
-    /// longer than any publish can take (a Lambda function runs at most 15 minutes).
-    pub const ORPHAN_AFTER: Duration = Duration::from_secs(16 * 60);
-
     /// A new delivery of `event_id` to `subscription_id`. Its first attempt may start after
     /// `first_delay` (the retry schedule's first entry); if no queue message starts it within
     /// `grace` after that, the sweep sends one. The id is derived, so every path that creates
@@ -497,14 +487,6 @@ impl Delivery {
         next
     }
 
-    /// A leased delivery whose event is not there yet: released, and due again at `until`.
-    pub fn postponed(&self, now: Timestamp, until: Timestamp) -> Self {
-        let mut next = self.next(now);
-        next.lease = None;
-        next.due_at = Some(until);
-        next
-    }
-
     /// An operator's resend of a finished delivery (succeeded included): a new round with the
     /// full schedule, starting now, under the same id (so the same `webhook-id`).
     pub fn resent(&self, now: Timestamp, grace: Duration) -> Result<Self, NotResendable> {
@@ -749,8 +731,6 @@ mod tests {
         assert_eq!(released.version(), claimed.version() + 1);
         let ended = released.ended(ts(12), "gone").unwrap();
         assert_eq!(ended.version(), released.version() + 1);
-        let postponed = leased.postponed(ts(13), ts(99));
-        assert_eq!(postponed.version(), leased.version() + 1);
         let recovered = leased.recovered(ts(14)).unwrap();
         assert_eq!(recovered.version(), leased.version() + 1);
         let late = leased.with_late_attempt(attempt(AttemptClass::Delivered), ts(15));
