@@ -87,7 +87,9 @@ fn next_state(current: &Delivery, i: u64) -> Delivery {
         .created_at()
         .saturating_add(Duration::from_millis(i + 1));
     if current.current_lease().is_some() {
-        current.recovered(now).expect("a leased delivery is recoverable")
+        current
+            .recovered(now)
+            .expect("a leased delivery is recoverable")
     } else {
         current
             .leased(now, "lease-token-0123456789".to_owned(), LEASE)

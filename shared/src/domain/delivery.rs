@@ -5,6 +5,7 @@
 //!
 //! | from | on | to |
 //! | --- | --- | --- |
+//! | [`new`](Delivery::new), in memory (an event's fan-out) | [`leased`](Delivery::leased) | pending, in flight; written once its first attempt is recorded |
 //! | pending / retrying | [`leased`](Delivery::leased) | same status, with a lease (in flight) |
 //! | in flight | [`recorded`](Delivery::recorded) 2xx | succeeded |
 //! | in flight | retryable outcome, attempts left | retrying (next attempt at t) |
