@@ -579,8 +579,8 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
 
     // ---- events ----
 
-    /// Stores the event and one delivery per matching active subscription in one write, then
-    /// queues the deliveries. A failed enqueue loses nothing: the sweep finds them after the grace.
+    /// Stores the event, owing its fan-out, then queues the fan-out (after the schedule's first
+    /// entry). A failed enqueue loses nothing: the sweep finds the owed fan-out after the grace.
     pub async fn publish_event(
         &self,
         tenant: &TenantId,
@@ -592,10 +592,10 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         Ok(accepted.published)
     }
 
-    /// [`publish_event`](Self::publish_event) without the enqueue: the event and its deliveries
-    /// are stored, and the jobs are the caller's to send with [`send_jobs`](Self::send_jobs),
-    /// e.g. together with other events' jobs in one queue request. Should they never be sent,
-    /// the deliveries' due time makes the sweep send them.
+    /// [`publish_event`](Self::publish_event) without the enqueue: the event is stored, owing
+    /// its fan-out, and the fan-out job is the caller's to send with
+    /// [`send_jobs`](Self::send_jobs) (together with other events' jobs in one queue request) or
+    /// to run at once. Should it never run, the sweep finds the owed fan-out.
     pub async fn accept_event(
         &self,
         tenant: &TenantId,
@@ -746,7 +746,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         }
         let count = jobs.len();
         if let Err(e) = self.queue.enqueue(jobs).await {
-            tracing::warn!(error = %e, jobs = count, "enqueue failed; the sweep will send these deliveries");
+            tracing::warn!(error = %e, jobs = count, "enqueue failed; the sweep will send this work once it is overdue");
         }
     }
 
@@ -821,11 +821,30 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         job: &FanOutJob,
         subscriptions: Option<&[Subscription]>,
     ) -> Result<FanOutReport, StoreError> {
-        let Some(event) = self.store.get_event(&job.tenant_id, &job.event_id).await? else {
+        let Some((event, owed)) = self
+            .store
+            .get_event_for_fan_out(&job.tenant_id, &job.event_id)
+            .await?
+        else {
             // Events are stored before their fan-out is sent: this one expired meanwhile.
             tracing::warn!("fan-out of an event that is not stored");
             return Ok(FanOutReport::default());
         };
+        if owed.is_none() {
+            // Done already: a duplicate of the job, a late one the sweep's recovery overtook,
+            // or a redrive. Nothing is sent again.
+            tracing::info!("fan-out done already");
+            return Ok(FanOutReport::default());
+        }
+        // Not before the first attempt is due (the schedule's first entry): a queue caps its
+        // delays (SQS at 15 minutes), and a recovery may come early. Sent again for then.
+        let due = event.received_at.saturating_add(self.config.first_delay());
+        let now = self.clock.now();
+        if now < due {
+            let left = now.until(due).min(self.queue.max_delay());
+            self.send_jobs(vec![(job.clone().into(), left)]).await;
+            return Ok(FanOutReport::default());
+        }
         let read;
         let subscriptions = match subscriptions {
             Some(s) => s,
@@ -1275,29 +1294,15 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             }
         }
         // Events whose fan-out job was lost, or whose worker died on the way: fanned out again,
-        // as a recovery (deliveries made already are left alone).
-        let fan_outs = self
-            .store
-            .due_fan_outs(now, self.config.sweep_batch)
-            .await?;
-        report.found += fan_outs.len();
-        for due in fan_outs {
-            match self
-                .store
-                .claim_fan_out(&due, now.saturating_add(self.config.sweep_grace))
-                .await
-            {
-                Ok(()) => {}
-                Err(StoreError::Conflict | StoreError::NotFound) => continue,
-                Err(e) => return Err(e),
+        // as a recovery (deliveries made already are left alone). A failure here does not keep
+        // the deliveries claimed above from being sent.
+        match self.claim_fan_outs(now).await {
+            Ok(fan_outs) => {
+                report.found += fan_outs.found;
+                report.fan_outs += fan_outs.claimed.len();
+                jobs.extend(fan_outs.claimed);
             }
-            report.fan_outs += 1;
-            let job = FanOutJob {
-                tenant_id: due.tenant_id,
-                event_id: due.event_id,
-                recovery: true,
-            };
-            jobs.push((job.into(), Duration::ZERO));
+            Err(e) => tracing::warn!(error = %e, "sweep could not read or claim overdue fan-outs"),
         }
         report.enqueued = jobs.len();
         if !jobs.is_empty()
@@ -1308,6 +1313,40 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             report.enqueued = 0;
         }
         Ok(report)
+    }
+
+    /// Claims the overdue fan-outs (a few at a time, like deliveries) and makes their
+    /// recovery jobs. Each claim moves the fan-out a grace on, so two sweeps never both send it.
+    async fn claim_fan_outs(&self, now: Timestamp) -> Result<ClaimedFanOuts, StoreError> {
+        let due = self
+            .store
+            .due_fan_outs(now, self.config.sweep_batch)
+            .await?;
+        let found = due.len();
+        let next = now.saturating_add(self.config.sweep_grace);
+        let claims = join_bounded(
+            due.into_iter().map(|due| async move {
+                match self.store.claim_fan_out(&due, next).await {
+                    Ok(()) => Ok(Some(due)),
+                    Err(StoreError::Conflict | StoreError::NotFound) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }),
+            SWEEP_CLAIMS_AT_ONCE,
+        )
+        .await;
+        let mut claimed = Vec::new();
+        for claim in claims {
+            if let Some(due) = claim? {
+                let job = FanOutJob {
+                    tenant_id: due.tenant_id,
+                    event_id: due.event_id,
+                    recovery: true,
+                };
+                claimed.push((job.into(), Duration::ZERO));
+            }
+        }
+        Ok(ClaimedFanOuts { found, claimed })
     }
 
     /// One due delivery of a sweep: claimed (its job to enqueue), deferred past a live lease, or
@@ -1356,6 +1395,12 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
 }
 
 /// What the sweep did with one due delivery.
+/// What the sweep found of overdue fan-outs, and the recovery jobs of those it claimed.
+struct ClaimedFanOuts {
+    found: usize,
+    claimed: Vec<(Job, Duration)>,
+}
+
 enum Swept {
     Skipped,
     InFlight { deferred: bool },
@@ -2011,6 +2056,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_fan_out_job_that_comes_again_once_done_sends_nothing() {
+        let (app, a, _) = app_with_subscription(AppConfig::default()).await;
+        app.publish_event(&a, order("{}"), None).await.unwrap();
+        let job = take_fan_outs(&app).remove(0);
+        let sender = Counts::default();
+        app.fan_out(&sender, &job, None).await.unwrap();
+        // A duplicate, a redrive days later, the original after a recovery overtook it.
+        let again = app.fan_out(&sender, &job, None).await.unwrap();
+        assert_eq!(again, FanOutReport::default());
+        assert_eq!(sender.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_fan_out_that_comes_before_the_first_attempt_is_due_waits_for_it() {
+        let config = AppConfig {
+            schedule: RetrySchedule::parse("3s,5s").unwrap(),
+            ..AppConfig::default()
+        };
+        let (app, a, _) = app_with_subscription(config).await;
+        app.publish_event(&a, order("{}"), None).await.unwrap();
+        app.queue.1.lock().unwrap().clear();
+        let job = take_fan_outs(&app).remove(0);
+        let sender = Counts::default();
+        // Early (a restart's recovery, or a queue that cut the delay short): sent again for then.
+        app.clock.advance(Duration::from_secs(1));
+        app.fan_out(&sender, &job, None).await.unwrap();
+        assert_eq!(sender.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(take_fan_outs(&app), vec![job.clone()]);
+        assert_eq!(*app.queue.1.lock().unwrap(), vec![Duration::from_secs(2)]);
+        app.clock.advance(Duration::from_secs(2));
+        app.fan_out(&sender, &job, None).await.unwrap();
+        assert_eq!(sender.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
     async fn an_overdue_fan_out_is_recovered_without_sending_what_was_made() {
         let (app, a, sub) = app_with_subscription(AppConfig::default()).await;
         let second = app
@@ -2228,6 +2308,13 @@ mod tests {
             id: &EventId,
         ) -> crate::ports::StoreResult<Option<Event>> {
             self.inner.get_event(t, id).await
+        }
+        async fn get_event_for_fan_out(
+            &self,
+            t: &TenantId,
+            id: &EventId,
+        ) -> crate::ports::StoreResult<Option<(Event, Option<Timestamp>)>> {
+            self.inner.get_event_for_fan_out(t, id).await
         }
         async fn fanned_out(&self, t: &TenantId, id: &EventId) -> crate::ports::StoreResult<()> {
             self.inner.fanned_out(t, id).await

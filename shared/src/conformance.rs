@@ -804,10 +804,43 @@ pub async fn events_owe_their_fan_out_until_it_is_done<S: Store>(store: &S) {
         vec![(a.clone(), late.event.id.clone(), ts(1_000))]
     );
 
+    // Owed, as the fan-out reads it.
+    assert_eq!(
+        store
+            .get_event_for_fan_out(&a, &late.event.id)
+            .await
+            .unwrap(),
+        Some((late.event.clone(), Some(ts(1_000))))
+    );
     // Done: no longer due, and no sweep can claim it any more. Saying so twice is fine.
     store.fanned_out(&a, &late.event.id).await.unwrap();
     store.fanned_out(&a, &late.event.id).await.unwrap();
-    assert!(store.claim_fan_out(&due[1], ts(2_000)).await.is_err());
+    assert_eq!(
+        store
+            .get_event_for_fan_out(&a, &late.event.id)
+            .await
+            .unwrap(),
+        Some((late.event.clone(), None))
+    );
+    assert!(matches!(
+        store.claim_fan_out(&due[1], ts(2_000)).await,
+        Err(StoreError::Conflict | StoreError::NotFound)
+    ));
+    assert_eq!(
+        store
+            .get_event_for_fan_out(&a, &owes_nothing.event.id)
+            .await
+            .unwrap(),
+        Some((owes_nothing.event.clone(), None))
+    );
+    assert_eq!(
+        store
+            .get_event_for_fan_out(&b, &late.event.id)
+            .await
+            .unwrap(),
+        None,
+        "another tenant's event"
+    );
     assert_eq!(
         due_ids(store.due_fan_outs(ts(100_000), 10).await.unwrap()),
         vec![(b.clone(), early.event.id.clone(), ts(60_500))]

@@ -141,6 +141,13 @@ pub trait Store: Send + Sync + 'static {
         tenant: &TenantId,
         id: &EventId,
     ) -> impl Future<Output = StoreResult<Option<Event>>> + Send;
+    /// The event and when its fan-out is due (`None`: done, or never owed). A read that may lag
+    /// a moment behind a write shows the fan-out as still owed, never as done too early.
+    fn get_event_for_fan_out(
+        &self,
+        tenant: &TenantId,
+        id: &EventId,
+    ) -> impl Future<Output = StoreResult<Option<(Event, Option<Timestamp>)>>> + Send;
     /// The event's fan-out is done: it is no longer due. Idempotent; `NotFound` if there is no
     /// such event.
     fn fanned_out(
@@ -350,6 +357,13 @@ impl<T: Store> Store for Arc<T> {
         id: &EventId,
     ) -> impl Future<Output = StoreResult<Option<Event>>> + Send {
         (**self).get_event(tenant, id)
+    }
+    fn get_event_for_fan_out(
+        &self,
+        tenant: &TenantId,
+        id: &EventId,
+    ) -> impl Future<Output = StoreResult<Option<(Event, Option<Timestamp>)>>> + Send {
+        (**self).get_event_for_fan_out(tenant, id)
     }
     fn fanned_out(
         &self,

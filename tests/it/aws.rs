@@ -282,8 +282,8 @@ impl AwsLocal {
 
 /// DynamoDB commits a write and the answer is lost (a reset, a timeout): the SDK sends it again,
 /// and the second try meets the first one's item. Each write knows its own work: the
-/// subscription is created (201, not 409) and the event accepted once with its delivery (202, not
-/// a replay with its deliveries taken back).
+/// subscription is created (201, not 409) and the event accepted once (202, not a replay), and
+/// its delivery made.
 #[tokio::test]
 async fn a_write_whose_answer_was_lost_after_it_committed_is_not_taken_for_a_repeat() {
     let aws = AwsLocal::start().await;
@@ -316,7 +316,10 @@ async fn a_write_whose_answer_was_lost_after_it_committed_is_not_taken_for_a_rep
         2,
         "both faults were injected"
     );
-    let list = deliveries_of(&aws.api, &created.body).await;
+    let list = aws
+        .api
+        .wait_deliveries(created.body["subscriptionId"].as_str().unwrap(), 1)
+        .await;
     assert_eq!(list.len(), 1, "{list:#?}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(receiver.received_on("/lost-answer-sub").len(), 1);
@@ -481,7 +484,10 @@ async fn a_delivery_whose_job_never_reached_the_queue_is_sent_by_the_sweep() {
     assert_eq!(published.deliveries, 1);
     let got = receiver.wait_for("/lost", 1, WAIT).await;
     assert_eq!(got[0].json()["eventId"], published.event_id.as_str());
-    let list = deliveries_of(&aws.api, &sub).await;
+    let list = aws
+        .api
+        .wait_deliveries(sub["subscriptionId"].as_str().unwrap(), 1)
+        .await;
     aws.api
         .wait_delivery(list[0]["deliveryId"].as_str().unwrap(), WAIT, |d| {
             d["status"] == "succeeded"
@@ -496,7 +502,10 @@ async fn the_same_job_message_twice_is_one_logical_delivery() {
     let sub = aws.api.subscribe(&receiver.url("/dup"), &["*"]).await;
     aws.api.publish("dup.check", json!({})).await;
     receiver.wait_for("/dup", 1, WAIT).await;
-    let list = deliveries_of(&aws.api, &sub).await;
+    let list = aws
+        .api
+        .wait_deliveries(sub["subscriptionId"].as_str().unwrap(), 1)
+        .await;
     let delivery_id = list[0]["deliveryId"].as_str().unwrap().to_owned();
     aws.api
         .wait_delivery(&delivery_id, WAIT, |d| d["status"] == "succeeded")

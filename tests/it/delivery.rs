@@ -432,7 +432,14 @@ async fn gone_disables_the_subscription() {
         .get(&format!("/webhook-subscriptions/{id}"))
         .await;
     assert_eq!(s.body["status"], "disabled");
+    // A second subscription that takes the same event: once its delivery is listed, the
+    // event's fan-out is done, and it made none for the disabled one.
+    let witness = server.api.subscribe(&receiver.url("/w"), &["a.b"]).await;
     server.api.publish("a.b", json!(2)).await;
+    server
+        .api
+        .wait_deliveries(witness["subscriptionId"].as_str().unwrap(), 1)
+        .await;
     assert_eq!(
         server.api.deliveries(id).await.len(),
         1,

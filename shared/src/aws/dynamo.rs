@@ -29,8 +29,7 @@
 //! ULID based and sort by creation time, which orders the `list` index; delivery ids are derived
 //! from (tenant, event, subscription), so a delivery's list key starts with its creation time.
 //! Retention (TTL, default 30 days) counts from the event's `received_at` for the event and its
-//! idempotency key, and from `created_at` for a delivery, so an event and its deliveries expire
-//! together.
+//! idempotency key, and from `created_at` for a delivery (its fan-out, normally moments later).
 //!
 //! # DynamoDB calls per [`Store`] method
 //!
@@ -81,10 +80,15 @@
 //! # Lost answers
 //!
 //! The SDK retries a request whose answer was lost (a timeout, a reset, a 500). Every conditional
-//! write here asks for the old item on a failed condition (`ALL_OLD`) and compares it with what it
+//! put here asks for the old item on a failed condition (`ALL_OLD`) and compares it with what it
 //! wrote: its own earlier, committed try is a success, not a conflict (a created subscription, a
-//! version-checked update, the event of a publish). Transactions carry the SDK's idempotency
-//! token, which DynamoDB honours for ten minutes.
+//! version-checked update, the event of a publish, a delivery's first write). Transactions carry
+//! the SDK's idempotency token, which DynamoDB honours for ten minutes. Of the two `UpdateItem`s,
+//! `fanned_out` is idempotent; a retried `claim_fan_out` fails its condition and the sweep leaves
+//! that fan-out alone: its claim moved it a grace on, and a later sweep sends it.
+//!
+//! An `UpdateItem` is billed by the size of the whole item: marking an event's fan-out done, or
+//! claiming it, costs ⌈event size / 1 KB⌉ write units.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -136,6 +140,8 @@ pub const TTL_ATTRIBUTE: &str = "expires_at";
 pub const DUE_SHARDS: u8 = 32;
 /// The first due-index shard of events that owe their fan-out (`FAN_OUT_SHARD_BASE..+DUE_SHARDS`).
 pub const FAN_OUT_SHARD_BASE: u16 = 100;
+// The deliveries' shards must stay below the events' (the sweep reads each range on its own).
+const _: () = assert!((DUE_SHARDS as u16) <= FAN_OUT_SHARD_BASE);
 /// How long retained items live by default.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 
@@ -1207,6 +1213,29 @@ impl Store for DynamoStore {
         };
         let stored: Option<StoredEvent> = item.map(|item| body(item, EVENT)).transpose()?;
         stored.map(Event::try_from).transpose()
+    }
+
+    async fn get_event_for_fan_out(
+        &self,
+        tenant: &TenantId,
+        id: &EventId,
+    ) -> StoreResult<Option<(Event, Option<Timestamp>)>> {
+        // Eventually consistent like `get_event`: a lagging read shows the fan-out still owed
+        // (the earlier state), never done too early.
+        let pk = event_pk(tenant, id);
+        let item = match self.get_item_read(pk.clone(), false).await? {
+            Some(item) => Some(item),
+            None => self.get_item(pk).await?,
+        };
+        let Some(item) = item else {
+            return Ok(None);
+        };
+        let due = match item.get(DUE_AT) {
+            Some(AttributeValue::N(n)) => n.parse().ok().map(Timestamp::from_unix_millis),
+            _ => None,
+        };
+        let stored: StoredEvent = body(item, EVENT)?;
+        Ok(Some((Event::try_from(stored)?, due)))
     }
 
     async fn fanned_out(&self, tenant: &TenantId, id: &EventId) -> StoreResult<()> {

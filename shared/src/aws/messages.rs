@@ -267,7 +267,7 @@ where
         }
         Message::FanOut(job) => {
             let subs = subscriptions.get(&job.tenant_id).map(Vec::as_slice);
-            let report = app.fan_out(sender, &job, subs).await?;
+            let report = fan_out_or_leave_it_owed(app, sender, &job, subs).await;
             Ok((Handled::FannedOut(report), Vec::new()))
         }
         Message::Publish {
@@ -293,14 +293,44 @@ where
                 match job {
                     Job::FanOut(fan_out) if delay.is_zero() => {
                         report = Some(
-                            app.fan_out(sender, &fan_out, subs.map(Vec::as_slice))
-                                .await?,
+                            fan_out_or_leave_it_owed(
+                                app,
+                                sender,
+                                &fan_out,
+                                subs.map(Vec::as_slice),
+                            )
+                            .await,
                         );
                     }
                     other => jobs.push((other, delay)),
                 }
             }
             Ok((Handled::Published(accepted.published, report), jobs))
+        }
+    }
+}
+
+/// Fans an event out. A failure (the store, half-way) is logged, not returned: the message is
+/// done with all the same, since the event still owes its fan-out and the sweep sends a recovery
+/// for it, which leaves the deliveries made alone. (Sending the message back instead would run
+/// this fan-out again from the start, sending to every subscription once more.)
+async fn fan_out_or_leave_it_owed<S, Q, C, H>(
+    app: &App<S, Q, C>,
+    sender: &H,
+    job: &FanOutJob,
+    subscriptions: Option<&[Subscription]>,
+) -> FanOutReport
+where
+    S: Store,
+    Q: DeliveryQueue,
+    C: Clock,
+    H: HttpSender,
+{
+    match app.fan_out(sender, job, subscriptions).await {
+        Ok(report) => report,
+        Err(e) => {
+            tracing::warn!(error = %e, event = %job.event_id, "fan-out failed; the sweep recovers it once overdue");
+            FanOutReport::default()
         }
     }
 }
@@ -414,6 +444,10 @@ mod tests {
         deliveries: HashMap<DeliveryId, Delivery>,
         /// `get_delivery` of these fails as if the store were down.
         unavailable: Vec<DeliveryId>,
+        /// Events whose fan-out is done.
+        fanned_out: Vec<EventId>,
+        /// `insert_delivery` fails as if the store were down.
+        inserts_fail: bool,
     }
 
     impl MemStore {
@@ -490,7 +524,23 @@ mod tests {
                 .push((new.event.clone(), new.idempotency_key.clone()));
             Ok(InsertOutcome::Created)
         }
-        async fn fanned_out(&self, _tenant: &TenantId, _id: &EventId) -> StoreResult<()> {
+        async fn get_event_for_fan_out(
+            &self,
+            tenant: &TenantId,
+            id: &EventId,
+        ) -> StoreResult<Option<(Event, Option<Timestamp>)>> {
+            let mem = self.mem();
+            let found = mem
+                .events
+                .iter()
+                .map(|(e, _)| e)
+                .find(|e| &e.tenant_id == tenant && &e.id == id)
+                .cloned();
+            let owed = !mem.fanned_out.contains(id);
+            Ok(found.map(|e| (e.clone(), owed.then_some(e.received_at))))
+        }
+        async fn fanned_out(&self, _tenant: &TenantId, id: &EventId) -> StoreResult<()> {
+            self.mem().fanned_out.push(id.clone());
             Ok(())
         }
         async fn due_fan_outs(&self, _now: Timestamp, _limit: u32) -> StoreResult<Vec<DueFanOut>> {
@@ -501,6 +551,9 @@ mod tests {
         }
         async fn insert_delivery(&self, d: &Delivery) -> StoreResult<()> {
             let mut mem = self.mem();
+            if mem.inserts_fail {
+                return Err(StoreError::unavailable("the fake store is down"));
+            }
             if mem.deliveries.contains_key(d.id()) {
                 return Err(StoreError::Conflict);
             }
@@ -888,6 +941,26 @@ mod tests {
             Handled::Delivered(DeliverOutcome::Skipped("already final"))
         );
         assert_eq!(receiver.0.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_fan_out_that_fails_half_way_is_left_owed_for_the_sweep_not_sent_back() {
+        let app = app_with_subscription().await;
+        let receiver = OkReceiver::default();
+        app.store.mem().inserts_fail = true;
+        let failed = process_messages(
+            &app,
+            &receiver,
+            vec![event_message("e", ORDER, &[("tenant", "acme")])],
+            1,
+        )
+        .await;
+        // Sending it back would fan it out again from the start, to every subscription.
+        assert!(failed.is_empty(), "{failed:?}");
+        let mem = app.store.mem();
+        assert_eq!(mem.events.len(), 1, "the event is stored");
+        assert!(mem.fanned_out.is_empty(), "and still owes its fan-out");
+        assert!(mem.deliveries.is_empty());
     }
 
     fn early_delivery(app: &TestApp, due_in: Duration) -> DeliveryJob {

@@ -726,6 +726,30 @@ impl Store for SqliteStore {
         body.as_deref().map(decode).transpose()
     }
 
+    async fn get_event_for_fan_out(
+        &self,
+        tenant: &TenantId,
+        id: &EventId,
+    ) -> StoreResult<Option<(Event, Option<Timestamp>)>> {
+        let (tenant, id) = (tenant.clone(), id.clone());
+        let row: Option<(String, Option<i64>)> = self
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT body, fan_out_due_at FROM events WHERE tenant_id = ?1 AND id = ?2",
+                )
+                .and_then(|mut stmt| {
+                    stmt.query_row(params![tenant.as_str(), id.as_str()], |row| {
+                        Ok((row.get(0)?, row.get(1)?))
+                    })
+                    .optional()
+                })
+                .map_err(StoreError::unavailable)
+            })
+            .await?;
+        row.map(|(body, due)| Ok((decode(&body)?, due.map(Timestamp::from_unix_millis))))
+            .transpose()
+    }
+
     async fn get_delivery(
         &self,
         tenant: &TenantId,
