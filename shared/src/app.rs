@@ -59,6 +59,8 @@ enum FirstAttempt {
     },
     /// Made already, by an earlier or concurrent fan-out of the same event.
     Existing,
+    /// Not started: it could not finish before the caller's deadline.
+    NoTimeLeft,
 }
 
 /// How often a use case re-reads and re-applies a change that lost a version-checked write to
@@ -73,6 +75,9 @@ pub struct AppConfig {
     pub sweep_grace: Duration,
     /// How long a worker owns a delivery for one attempt; longer than the sender's total timeout.
     pub lease_duration: Duration,
+    /// How long one attempt may take with its store calls (the sender's total timeout and some):
+    /// a fan-out with a deadline starts no attempt it could not finish before it.
+    pub attempt_budget: Duration,
     /// Deliveries the sweep handles per run.
     pub sweep_batch: u32,
     /// How long a delivery may stay held before it is ended: a little less than the store's
@@ -104,6 +109,7 @@ impl Default for AppConfig {
             jitter_ratio: retry::DEFAULT_JITTER_RATIO,
             sweep_grace: Duration::from_secs(60),
             lease_duration: Duration::from_secs(60),
+            attempt_budget: Duration::from_secs(45),
             sweep_batch: 500,
             hold_limit: None,
         }
@@ -205,6 +211,8 @@ pub struct FanOutReport {
     pub delivered: usize,
     /// Deliveries a recovery found made already and left alone.
     pub existing: usize,
+    /// Deliveries not started for want of time: a recovery job carries them on.
+    pub left: usize,
 }
 
 /// What one delivery job came to.
@@ -820,6 +828,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         sender: &H,
         job: &FanOutJob,
         subscriptions: Option<&[Subscription]>,
+        deadline: Option<Timestamp>,
     ) -> Result<FanOutReport, StoreError> {
         let Some((event, owed)) = self
             .store
@@ -859,7 +868,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         let mut attempts = Vec::new();
         for s in subscriptions {
             if s.wants(&event.event_type) && s.created_at <= newest {
-                attempts.push(self.first_attempt(sender, &event, s, job.recovery));
+                attempts.push(self.first_attempt(sender, &event, s, job.recovery, deadline));
             }
         }
         let made = join_bounded(attempts, FAN_OUT_AT_ONCE).await;
@@ -871,7 +880,23 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
                     report.created += 1;
                     report.delivered += usize::from(delivered);
                 }
+                FirstAttempt::NoTimeLeft => report.left += 1,
             }
+        }
+        if report.left > 0 {
+            // The caller's time ran short (a function's timeout): the rest goes on in another
+            // worker at once, as a recovery, which leaves the deliveries made here alone. The
+            // event stays owed until then.
+            tracing::info!(
+                left = report.left,
+                "fan-out continues elsewhere: too little time left here"
+            );
+            let rest = FanOutJob {
+                recovery: true,
+                ..job.clone()
+            };
+            self.send_jobs(vec![(rest.into(), Duration::ZERO)]).await;
+            return Ok(report);
         }
         match self.store.fanned_out(&job.tenant_id, &job.event_id).await {
             Ok(()) | Err(StoreError::NotFound) => {}
@@ -887,15 +912,22 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
     }
 
     /// One subscription's delivery of `event`, made with its first attempt (or held). A
-    /// `recovery` first looks whether it exists already, and then leaves it alone.
+    /// `recovery` first looks whether it exists already, and then leaves it alone. Nothing is
+    /// started that could not finish before `deadline`.
     async fn first_attempt<H: HttpSender>(
         &self,
         sender: &H,
         event: &Event,
         subscription: &Subscription,
         recovery: bool,
+        deadline: Option<Timestamp>,
     ) -> Result<FirstAttempt, StoreError> {
         let tenant = &event.tenant_id;
+        if let Some(deadline) = deadline
+            && self.clock.now().saturating_add(self.config.attempt_budget) > deadline
+        {
+            return Ok(FirstAttempt::NoTimeLeft);
+        }
         if recovery {
             let id = DeliveryId::derive(tenant, &event.id, &subscription.id);
             if self.store.get_delivery(tenant, &id).await?.is_some() {
@@ -1649,7 +1681,7 @@ mod tests {
         let fan_outs = take_fan_outs(app);
         let mut made = Vec::new();
         for job in fan_outs {
-            app.fan_out(sender, &job, None).await.unwrap();
+            app.fan_out(sender, &job, None, None).await.unwrap();
             let event = app
                 .store
                 .get_event(&job.tenant_id, &job.event_id)
@@ -2061,9 +2093,9 @@ mod tests {
         app.publish_event(&a, order("{}"), None).await.unwrap();
         let job = take_fan_outs(&app).remove(0);
         let sender = Counts::default();
-        app.fan_out(&sender, &job, None).await.unwrap();
+        app.fan_out(&sender, &job, None, None).await.unwrap();
         // A duplicate, a redrive days later, the original after a recovery overtook it.
-        let again = app.fan_out(&sender, &job, None).await.unwrap();
+        let again = app.fan_out(&sender, &job, None, None).await.unwrap();
         assert_eq!(again, FanOutReport::default());
         assert_eq!(sender.0.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
@@ -2081,12 +2113,51 @@ mod tests {
         let sender = Counts::default();
         // Early (a restart's recovery, or a queue that cut the delay short): sent again for then.
         app.clock.advance(Duration::from_secs(1));
-        app.fan_out(&sender, &job, None).await.unwrap();
+        app.fan_out(&sender, &job, None, None).await.unwrap();
         assert_eq!(sender.0.load(std::sync::atomic::Ordering::SeqCst), 0);
         assert_eq!(take_fan_outs(&app), vec![job.clone()]);
         assert_eq!(*app.queue.1.lock().unwrap(), vec![Duration::from_secs(2)]);
         app.clock.advance(Duration::from_secs(2));
-        app.fan_out(&sender, &job, None).await.unwrap();
+        app.fan_out(&sender, &job, None, None).await.unwrap();
+        assert_eq!(sender.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_fan_out_short_of_time_starts_nothing_it_cannot_finish_and_hands_on_the_rest() {
+        let (app, a, _) = app_with_subscription(AppConfig::default()).await;
+        let published = app.publish_event(&a, order("{}"), None).await.unwrap();
+        let job = take_fan_outs(&app).remove(0);
+        let sender = Counts::default();
+        // The invocation ends in less than one attempt's budget.
+        let deadline = app
+            .clock
+            .now()
+            .saturating_add(app.config.attempt_budget)
+            .saturating_add(Duration::from_millis(1));
+        app.clock.advance(Duration::from_millis(2));
+        let report = app
+            .fan_out(&sender, &job, None, Some(deadline))
+            .await
+            .unwrap();
+        assert_eq!((report.created, report.left), (0, 1));
+        assert_eq!(sender.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let rest = take_fan_outs(&app);
+        assert_eq!(
+            rest,
+            vec![FanOutJob {
+                recovery: true,
+                ..job.clone()
+            }],
+            "carried on at once, elsewhere"
+        );
+        let (_, owed) = app
+            .store
+            .get_event_for_fan_out(&a, &published.event_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(owed.is_some(), "still owed meanwhile");
+        app.fan_out(&sender, &rest[0], None, None).await.unwrap();
         assert_eq!(sender.0.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 

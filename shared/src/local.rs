@@ -85,7 +85,7 @@ where
                     Job::FanOut(job) => {
                         // Should it fail, the event's fan-out is due in the store: the sweep
                         // sends it again.
-                        if let Err(e) = app.fan_out(sender.as_ref(), &job, None).await {
+                        if let Err(e) = app.fan_out(sender.as_ref(), &job, None, None).await {
                             tracing::error!(error = %e, event = %job.event_id, "fan-out failed");
                         }
                         return;
@@ -310,6 +310,7 @@ mod server {
                 jitter_ratio: retry::DEFAULT_JITTER_RATIO,
                 sweep_grace: config.sweep_grace,
                 lease_duration: config.request_timeout + Duration::from_secs(15),
+                attempt_budget: config.request_timeout + Duration::from_secs(15),
                 sweep_batch: 500,
                 // SQLite keeps everything: a paused subscription's deliveries wait as long as it.
                 hold_limit: None,

@@ -394,7 +394,7 @@ async fn a_fan_out_that_died_half_way_delivers_each_subscription_once() {
     };
     let died = tokio::time::timeout(
         Duration::from_secs(2),
-        aws.app.fan_out(&DiesAtTwo::default(), &job, None),
+        aws.app.fan_out(&DiesAtTwo::default(), &job, None, None),
     )
     .await;
     assert!(died.is_err(), "the worker died waiting on `two`");

@@ -5,19 +5,22 @@ use std::time::{Duration, SystemTime};
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use tidings_core::app::App;
 use tidings_core::aws::{QueueMessage, process_messages};
+use tidings_core::domain::Timestamp;
 use tidings_core::ports::{Clock, DeliveryQueue, Store};
 use tidings_core::sender::HttpSender;
 
 /// Handles a batch. Never an error: a record that must come back is listed in the response.
+/// `deadline`: when the invocation ends; fan-outs start no attempt they could not finish by then.
 pub async fn handle<S: Store, Q: DeliveryQueue, C: Clock, H: HttpSender>(
     app: &App<S, Q, C>,
     sender: &H,
     concurrency: usize,
+    deadline: Option<Timestamp>,
     event: SqsEvent,
 ) -> SqsBatchResponse {
     let total = event.records.len();
     let messages = event.records.into_iter().map(queue_message).collect();
-    let failed = process_messages(app, sender, messages, concurrency).await;
+    let failed = process_messages(app, sender, messages, concurrency, deadline).await;
     if !failed.is_empty() {
         tracing::warn!(
             failed = failed.len(),

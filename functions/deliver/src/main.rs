@@ -11,6 +11,7 @@ use std::time::SystemTime;
 
 use lambda_runtime::{Error, LambdaEvent, service_fn};
 use tidings_core::aws::{build_app, build_sender, init_lambda_logging, settings_from_env};
+use tidings_core::domain::Timestamp;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
@@ -19,8 +20,14 @@ async fn main() -> Result<(), Error> {
     let (app, sender) = (&build_app(&settings).await, &build_sender(&settings)?);
     let (concurrency, timeout) = (settings.deliver_concurrency, settings.deliver_timeout);
     lambda_runtime::run(service_fn(move |event: LambdaEvent<_>| async move {
-        handler::check_deadline(event.context.deadline(), SystemTime::now(), timeout);
-        Ok::<_, Error>(handler::handle(app, sender, concurrency, event.payload).await)
+        let deadline = event.context.deadline();
+        handler::check_deadline(deadline, SystemTime::now(), timeout);
+        let deadline = deadline
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()
+            .and_then(|d| i64::try_from(d.as_millis()).ok())
+            .map(Timestamp::from_unix_millis);
+        Ok::<_, Error>(handler::handle(app, sender, concurrency, deadline, event.payload).await)
     }))
     .await
 }

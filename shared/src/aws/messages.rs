@@ -29,7 +29,7 @@ use tracing::Instrument as _;
 
 use crate::app::{App, AppError, DeliverOutcome, FanOutReport, PublishRequest, Published};
 use crate::concurrency::join_bounded;
-use crate::domain::{EventId, IdError, Subscription, TenantId};
+use crate::domain::{EventId, IdError, Subscription, TenantId, Timestamp};
 use crate::input::Problem;
 use crate::input::body::parse_publish;
 use crate::ports::{Clock, DeliveryJob, DeliveryQueue, FanOutJob, Job, Store, StoreError};
@@ -199,7 +199,8 @@ where
     C: Clock,
     H: HttpSender,
 {
-    let (handled, jobs) = handle_message_deferred(app, sender, message, &HashMap::new()).await?;
+    let (handled, jobs) =
+        handle_message_deferred(app, sender, message, &HashMap::new(), None).await?;
     app.send_jobs(jobs).await;
     Ok(handled)
 }
@@ -243,6 +244,7 @@ async fn handle_message_deferred<S, Q, C, H>(
     sender: &H,
     message: &QueueMessage,
     subscriptions: &HashMap<TenantId, Vec<Subscription>>,
+    deadline: Option<Timestamp>,
 ) -> Result<(Handled, Vec<(Job, Duration)>), RecordError>
 where
     S: Store,
@@ -267,7 +269,7 @@ where
         }
         Message::FanOut(job) => {
             let subs = subscriptions.get(&job.tenant_id).map(Vec::as_slice);
-            let report = fan_out_or_leave_it_owed(app, sender, &job, subs).await;
+            let report = fan_out_or_leave_it_owed(app, sender, &job, subs, deadline).await;
             Ok((Handled::FannedOut(report), Vec::new()))
         }
         Message::Publish {
@@ -298,6 +300,7 @@ where
                                 sender,
                                 &fan_out,
                                 subs.map(Vec::as_slice),
+                                deadline,
                             )
                             .await,
                         );
@@ -319,6 +322,7 @@ async fn fan_out_or_leave_it_owed<S, Q, C, H>(
     sender: &H,
     job: &FanOutJob,
     subscriptions: Option<&[Subscription]>,
+    deadline: Option<Timestamp>,
 ) -> FanOutReport
 where
     S: Store,
@@ -326,7 +330,7 @@ where
     C: Clock,
     H: HttpSender,
 {
-    match app.fan_out(sender, job, subscriptions).await {
+    match app.fan_out(sender, job, subscriptions, deadline).await {
         Ok(report) => report,
         Err(e) => {
             tracing::warn!(error = %e, event = %job.event_id, "fan-out failed; the sweep recovers it once overdue");
@@ -345,6 +349,7 @@ pub async fn process_messages<S, Q, C, H>(
     sender: &H,
     messages: Vec<QueueMessage>,
     concurrency: usize,
+    deadline: Option<Timestamp>,
 ) -> Vec<String>
 where
     S: Store,
@@ -357,7 +362,7 @@ where
     let records = messages.into_iter().map(|message| {
         let span = tracing::info_span!("record", message_id = %message.message_id);
         async move {
-            match handle_message_deferred(app, sender, &message, subscriptions).await {
+            match handle_message_deferred(app, sender, &message, subscriptions, deadline).await {
                 Ok((handled, jobs)) => {
                     log_handled(&handled);
                     Ok(jobs)
@@ -830,7 +835,7 @@ mod tests {
                 &[("tenant", "acme")],
             ),
         ];
-        let mut failed = process_messages(&app, &receiver, messages, 2).await;
+        let mut failed = process_messages(&app, &receiver, messages, 2, None).await;
         failed.sort();
         assert_eq!(failed, ["bad-json", "bad-key", "no-tenant"]);
 
@@ -872,7 +877,7 @@ mod tests {
         ];
         // One at a time, so the duplicates see the first insert.
         assert!(
-            process_messages(&app, &receiver, messages, 1)
+            process_messages(&app, &receiver, messages, 1, None)
                 .await
                 .is_empty()
         );
@@ -928,7 +933,7 @@ mod tests {
             job_message("unknown", &unknown),
             event_message("bad-job", "{}", &[(KIND_ATTRIBUTE, DELIVERY_JOB_KIND)]),
         ];
-        let mut failed = process_messages(&app, &receiver, messages, 16).await;
+        let mut failed = process_messages(&app, &receiver, messages, 16, None).await;
         failed.sort();
         assert_eq!(failed, ["bad-job", "down"]);
 
@@ -953,6 +958,7 @@ mod tests {
             &receiver,
             vec![event_message("e", ORDER, &[("tenant", "acme")])],
             1,
+            None,
         )
         .await;
         // Sending it back would fan it out again from the start, to every subscription.
@@ -996,7 +1002,7 @@ mod tests {
             event_message("event", ORDER, &[("tenant", "acme")]),
         ];
         assert!(
-            process_messages(&app, &receiver, messages, 4)
+            process_messages(&app, &receiver, messages, 4, None)
                 .await
                 .is_empty()
         );
@@ -1101,7 +1107,7 @@ mod tests {
         };
         let messages = vec![first, copy("copy-1"), copy("copy-2")];
         assert!(
-            process_messages(&app, &receiver, messages, 1)
+            process_messages(&app, &receiver, messages, 1, None)
                 .await
                 .is_empty()
         );

@@ -33,7 +33,9 @@ use crate::sender::SenderConfig;
 ///   to `TIDINGS_REQUEST_TIMEOUT` plus [`ATTEMPT_OVERHEAD`] of store calls, within
 ///   `TIDINGS_DELIVER_TIMEOUT`. The lease is `TIDINGS_DELIVER_TIMEOUT` + [`LEASE_MARGIN`], so no
 ///   invocation outlives the lease it took (else the sweep could hand the delivery to a second
-///   worker, both would send, and the first result would be dropped);
+///   worker, both would send, and the first result would be dropped). A fan-out record may hold
+///   many first attempts: it starts none it could not finish before the invocation's end and
+///   hands the rest on as a recovery job, so it fits whatever its size;
 /// - `TIDINGS_RETENTION` must outlast the whole `TIDINGS_RETRY_SCHEDULE` (its sum, plus the
 ///   jitter, plus [`RETENTION_MARGIN`]), or a delivery could expire between two retries.
 #[derive(Debug, Clone)]
@@ -271,6 +273,7 @@ impl AwsSettings {
             jitter_ratio: retry::DEFAULT_JITTER_RATIO,
             sweep_grace: self.sweep_grace,
             lease_duration: self.lease_duration(),
+            attempt_budget: self.request_timeout.saturating_add(ATTEMPT_OVERHEAD),
             // DynamoDB's TTL takes items `retention` after their creation: a delivery held
             // that long is ended a day before, visibly, instead (retention is at least the retry
             // span plus a day, checked at start).
