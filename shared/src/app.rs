@@ -86,6 +86,13 @@ pub struct AppConfig {
 }
 
 impl AppConfig {
+    /// How long an owed fan-out may take to start and finish before the sweep sends it again:
+    /// the grace, and at least a lease (so no recovery runs beside a worker that is still on it,
+    /// which would send the deliveries it has not written yet a second time).
+    pub fn fan_out_grace(&self) -> Duration {
+        self.sweep_grace.max(self.lease_duration)
+    }
+
     /// The delay before a new delivery's first attempt: the schedule's first entry.
     pub fn first_delay(&self) -> Duration {
         self.schedule.delays().first().copied().unwrap_or_default()
@@ -698,7 +705,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         let new = NewEvent {
             fan_out_due_at: Some(
                 now.saturating_add(first_delay)
-                    .saturating_add(self.config.sweep_grace),
+                    .saturating_add(self.config.fan_out_grace()),
             ),
             event,
             idempotency_key,
@@ -1355,7 +1362,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             .due_fan_outs(now, self.config.sweep_batch)
             .await?;
         let found = due.len();
-        let next = now.saturating_add(self.config.sweep_grace);
+        let next = now.saturating_add(self.config.fan_out_grace());
         let claims = join_bounded(
             due.into_iter().map(|due| async move {
                 match self.store.claim_fan_out(&due, next).await {

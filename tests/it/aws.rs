@@ -91,6 +91,7 @@ impl AwsLocal {
         let store = DynamoStore::new(dynamo, info["tableName"].as_str().unwrap());
         let config = AppConfig {
             sweep_grace: Duration::from_secs(2),
+            lease_duration: Duration::from_secs(2),
             ..AppConfig::default()
         };
         let app = App::new(store, BlackHoleQueue, SystemClock, config);
