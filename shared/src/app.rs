@@ -1631,19 +1631,23 @@ mod tests {
             config,
         );
         let a = tenant("a");
-        let sub = app
-            .create_subscription(
-                &a,
-                NewSubscription {
-                    event_types: vec![EventTypePattern::parse("order.*").unwrap()],
-                    callback_url: CallbackUrl::parse("https://receiver.example.com/").unwrap(),
-                    secret: None,
-                    description: String::new(),
-                },
-            )
-            .await
-            .unwrap();
+        let sub = subscribe_to_orders(&app, &a, "https://receiver.example.com/").await;
         (app, a, sub)
+    }
+
+    /// A new subscription of `tenant` to `order.*` at `url`.
+    async fn subscribe_to_orders(app: &TestApp, tenant: &TenantId, url: &str) -> Subscription {
+        app.create_subscription(
+            tenant,
+            NewSubscription {
+                event_types: vec![EventTypePattern::parse("order.*").unwrap()],
+                callback_url: CallbackUrl::parse(url).unwrap(),
+                secret: None,
+                description: String::new(),
+            },
+        )
+        .await
+        .unwrap()
     }
 
     fn order(data: &str) -> PublishRequest {
@@ -2171,18 +2175,7 @@ mod tests {
     #[tokio::test]
     async fn an_overdue_fan_out_is_recovered_without_sending_what_was_made() {
         let (app, a, sub) = app_with_subscription(AppConfig::default()).await;
-        let second = app
-            .create_subscription(
-                &a,
-                NewSubscription {
-                    event_types: vec![EventTypePattern::parse("order.*").unwrap()],
-                    callback_url: CallbackUrl::parse("https://other.example.com/").unwrap(),
-                    secret: None,
-                    description: String::new(),
-                },
-            )
-            .await
-            .unwrap();
+        let second = subscribe_to_orders(&app, &a, "https://other.example.com/").await;
         let published = app.publish_event(&a, order("{}"), None).await.unwrap();
         // The worker made one delivery and died: its job is gone, the event still owes.
         take_fan_outs(&app);

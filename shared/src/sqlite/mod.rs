@@ -333,6 +333,28 @@ fn write_delivery(conn: &Connection, w: &DeliveryWrite) -> StoreResult<()> {
     }
 }
 
+/// Events owing their fan-out with `fan_out_due_at <= ?1`, earliest first, at most ?2.
+const DUE_FAN_OUTS_QUERY: &str = "SELECT tenant_id, id, fan_out_due_at FROM events
+     WHERE fan_out_due_at IS NOT NULL AND fan_out_due_at <= ?1
+     ORDER BY fan_out_due_at LIMIT ?2";
+
+/// The (tenant, id, due time) rows of a due query (`DUE_QUERY`, `DUE_FAN_OUTS_QUERY`).
+fn due_rows(
+    conn: &Connection,
+    sql: &str,
+    now: Timestamp,
+    limit: u32,
+) -> StoreResult<Vec<(String, String, i64)>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(StoreError::unavailable)?;
+    let rows = stmt
+        .query_map(params![now.unix_millis(), i64::from(limit)], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .map_err(StoreError::unavailable)?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(StoreError::unavailable)
+}
+
 /// The event (and its idempotency key), only if new.
 fn insert_event(
     conn: &Connection,
@@ -603,23 +625,8 @@ impl Store for SqliteStore {
     }
 
     async fn due_fan_outs(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<DueFanOut>> {
-        let rows: Vec<(String, String, i64)> = self
-            .read(move |conn| {
-                let mut stmt = conn
-                    .prepare_cached(
-                        "SELECT tenant_id, id, fan_out_due_at FROM events
-                         WHERE fan_out_due_at IS NOT NULL AND fan_out_due_at <= ?1
-                         ORDER BY fan_out_due_at LIMIT ?2",
-                    )
-                    .map_err(StoreError::unavailable)?;
-                let rows = stmt
-                    .query_map(params![now.unix_millis(), limit], |row| {
-                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-                    })
-                    .map_err(StoreError::unavailable)?;
-                rows.collect::<Result<_, _>>()
-                    .map_err(StoreError::unavailable)
-            })
+        let rows = self
+            .read(move |conn| due_rows(conn, DUE_FAN_OUTS_QUERY, now, limit))
             .await?;
         rows.into_iter()
             .map(|(tenant, id, due_at)| {
@@ -818,22 +825,7 @@ impl Store for SqliteStore {
 
     async fn due_deliveries(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<DueDelivery>> {
         let rows = self
-            .read(move |conn| {
-                let mut stmt = conn
-                    .prepare_cached(DUE_QUERY)
-                    .map_err(StoreError::unavailable)?;
-                let rows = stmt
-                    .query_map(params![now.unix_millis(), i64::from(limit)], |row| {
-                        Ok((
-                            row.get::<_, String>(0)?,
-                            row.get::<_, String>(1)?,
-                            row.get::<_, i64>(2)?,
-                        ))
-                    })
-                    .map_err(StoreError::unavailable)?;
-                rows.collect::<Result<Vec<_>, _>>()
-                    .map_err(StoreError::unavailable)
-            })
+            .read(move |conn| due_rows(conn, DUE_QUERY, now, limit))
             .await?;
         rows.into_iter()
             .map(|(tenant, id, due_at)| {

@@ -454,19 +454,28 @@ impl Meter {
             let Some(schema) = self.schema(headers, &write.table).await else {
                 continue;
             };
-            let key = schema.key_of(write.key_source());
-            let got = self
-                .dynamo(
-                    headers,
-                    "GetItem",
-                    json!({ "TableName": write.table, "Key": key, "ConsistentRead": true }),
-                )
-                .await;
-            if let Some(Value::Object(item)) =
-                got.and_then(|mut g| g.get_mut("Item").map(Value::take))
-            {
-                write.new = Some(item);
-            }
+            write.new = self.current_item(headers, &schema, write).await;
+        }
+    }
+
+    /// The item `write` is about to change (or changed), read strongly from the emulator.
+    async fn current_item(
+        &self,
+        headers: &HeaderMap,
+        schema: &TableSchema,
+        write: &Write,
+    ) -> Option<Item> {
+        let key = schema.key_of(write.key_source());
+        let got = self
+            .dynamo(
+                headers,
+                "GetItem",
+                json!({ "TableName": write.table, "Key": key, "ConsistentRead": true }),
+            )
+            .await;
+        match got.and_then(|mut g| g.get_mut("Item").map(Value::take)) {
+            Some(Value::Object(item)) => Some(item),
+            _ => None,
         }
     }
 
@@ -480,17 +489,7 @@ impl Meter {
                 continue;
             };
             schemas.insert(write.table.clone(), Arc::clone(&schema));
-            let key = schema.key_of(write.key_source());
-            let got = self
-                .dynamo(
-                    headers,
-                    "GetItem",
-                    json!({ "TableName": write.table, "Key": key, "ConsistentRead": true }),
-                )
-                .await;
-            if let Some(Value::Object(item)) =
-                got.and_then(|mut g| g.get_mut("Item").map(Value::take))
-            {
+            if let Some(item) = self.current_item(headers, &schema, write).await {
                 before.insert(i, item);
             }
         }
