@@ -1659,32 +1659,34 @@ mod tests {
         }
     }
 
-    /// The delivery jobs queued (fan-out jobs stay queued).
-    fn take_jobs(app: &TestApp) -> Vec<DeliveryJob> {
+    /// The queued jobs `pick` takes (the others stay queued).
+    fn take_queued<T>(app: &TestApp, pick: impl Fn(&Job) -> Option<T>) -> Vec<T> {
         let mut queue = app.queue.0.lock().unwrap();
         let mut taken = Vec::new();
-        queue.retain(|job| match job {
-            Job::Deliver(d) => {
-                taken.push(d.clone());
+        queue.retain(|job| match pick(job) {
+            Some(t) => {
+                taken.push(t);
                 false
             }
-            Job::FanOut(_) => true,
+            None => true,
         });
         taken
     }
 
+    /// The delivery jobs queued (fan-out jobs stay queued).
+    fn take_jobs(app: &TestApp) -> Vec<DeliveryJob> {
+        take_queued(app, |job| match job {
+            Job::Deliver(d) => Some(d.clone()),
+            Job::FanOut(_) => None,
+        })
+    }
+
     /// The fan-out jobs queued (delivery jobs stay queued).
     fn take_fan_outs(app: &TestApp) -> Vec<FanOutJob> {
-        let mut queue = app.queue.0.lock().unwrap();
-        let mut taken = Vec::new();
-        queue.retain(|job| match job {
-            Job::FanOut(f) => {
-                taken.push(f.clone());
-                false
-            }
-            Job::Deliver(_) => true,
-        });
-        taken
+        take_queued(app, |job| match job {
+            Job::FanOut(f) => Some(f.clone()),
+            Job::Deliver(_) => None,
+        })
     }
 
     /// Runs the queued fan-outs with `sender`; the jobs of the deliveries they made (or found).

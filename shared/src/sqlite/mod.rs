@@ -355,6 +355,14 @@ fn due_rows(
         .map_err(StoreError::unavailable)
 }
 
+/// The tenant and due time of a due row.
+fn due_row(tenant: &str, due_at: i64) -> StoreResult<(TenantId, Timestamp)> {
+    Ok((
+        TenantId::parse(tenant).map_err(StoreError::unavailable)?,
+        Timestamp::from_unix_millis(due_at),
+    ))
+}
+
 /// The event (and its idempotency key), only if new.
 fn insert_event(
     conn: &Connection,
@@ -630,10 +638,11 @@ impl Store for SqliteStore {
             .await?;
         rows.into_iter()
             .map(|(tenant, id, due_at)| {
+                let (tenant_id, due_at) = due_row(&tenant, due_at)?;
                 Ok(DueFanOut {
-                    tenant_id: TenantId::parse(&tenant).map_err(StoreError::unavailable)?,
+                    tenant_id,
                     event_id: EventId::parse(&id).map_err(StoreError::unavailable)?,
-                    due_at: Timestamp::from_unix_millis(due_at),
+                    due_at,
                 })
             })
             .collect()
@@ -829,10 +838,11 @@ impl Store for SqliteStore {
             .await?;
         rows.into_iter()
             .map(|(tenant, id, due_at)| {
+                let (tenant_id, due_at) = due_row(&tenant, due_at)?;
                 Ok(DueDelivery {
-                    tenant_id: TenantId::parse(&tenant).map_err(StoreError::unavailable)?,
+                    tenant_id,
                     delivery_id: DeliveryId::parse(&id).map_err(StoreError::unavailable)?,
-                    due_at: Timestamp::from_unix_millis(due_at),
+                    due_at,
                 })
             })
             .collect()
