@@ -37,7 +37,7 @@ pub fn json_value() -> impl Strategy<Value = Value> {
 }
 
 /// A JSON value as text, compact or indented: `data` must come back byte for byte either way.
-fn json_text() -> impl Strategy<Value = (Value, String)> {
+pub fn json_text() -> impl Strategy<Value = (Value, String)> {
     (json_value(), any::<bool>()).prop_map(|(v, pretty)| {
         let text = if pretty {
             serde_json::to_string_pretty(&v).unwrap()

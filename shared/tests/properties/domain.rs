@@ -236,7 +236,7 @@ proptest! {
 
 /// URLs built from parts that are each sometimes wrong: scheme, credentials, host, port, path,
 /// query, fragment. Paths and queries with non-ASCII text grow when percent-encoded.
-fn url_like() -> impl Strategy<Value = String> {
+pub fn url_like() -> impl Strategy<Value = String> {
     let scheme = prop::sample::select(vec![
         "http",
         "https",
