@@ -9,14 +9,14 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::app::App;
@@ -258,37 +258,41 @@ fn list<'a, T, D>(page: &'a Page<T>, f: impl Fn(&'a T) -> D) -> ListDto<D> {
     }
 }
 
-#[derive(Deserialize)]
-pub struct ListQuery {
-    limit: Option<u32>,
-    cursor: Option<String>,
-}
-
-impl ListQuery {
-    fn page(self) -> Result<PageRequest, Problem> {
-        let after = self
-            .cursor
-            .map(|c| {
-                URL_SAFE_NO_PAD
-                    .decode(&c)
+/// `?limit=&cursor=` of a list, read pair by pair so that a refusal names the parameter at
+/// fault (serde's "duplicate field `cursor`" was reported as a bad `limit`). Other parameters
+/// are ignored.
+fn list_query(raw: Option<&str>) -> Result<PageRequest, Problem> {
+    let mut limit = None;
+    let mut cursor = None;
+    for (name, value) in url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+        match name.as_ref() {
+            "limit" => {
+                let n = value.parse::<u32>().map_err(|_| {
+                    Problem::invalid("limit", format!("`{value}` is not a number of items"))
+                })?;
+                if limit.replace(n).is_some() {
+                    return Err(Problem::invalid("limit", "is given more than once"));
+                }
+            }
+            "cursor" => {
+                let after = URL_SAFE_NO_PAD
+                    .decode(value.as_bytes())
                     .ok()
                     .and_then(|b| String::from_utf8(b).ok())
-                    .ok_or_else(|| Problem::invalid("cursor", "is not a cursor this API returned"))
-            })
-            .transpose()?;
-        Ok(PageRequest {
-            limit: self.limit.unwrap_or(0),
-            after,
-        })
+                    .ok_or_else(|| {
+                        Problem::invalid("cursor", "is not a cursor this API returned")
+                    })?;
+                if cursor.replace(after).is_some() {
+                    return Err(Problem::invalid("cursor", "is given more than once"));
+                }
+            }
+            _ => {}
+        }
     }
-}
-
-fn list_query(
-    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<PageRequest, Problem> {
-    q.map_err(|e| Problem::invalid("limit", e.body_text()))?
-        .0
-        .page()
+    Ok(PageRequest {
+        limit: limit.unwrap_or(0),
+        after: cursor,
+    })
 }
 
 // Unknown or malformed ids are simply not found: no id leaks whether it exists elsewhere.
@@ -321,11 +325,11 @@ async fn create_subscription<S: Store, Q: DeliveryQueue, C: Clock>(
 async fn list_subscriptions<S: Store, Q: DeliveryQueue, C: Clock>(
     State(state): State<ApiState<S, Q, C>>,
     Tenant(tenant): Tenant,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(query): RawQuery,
 ) -> Result<Response, Problem> {
     let page = state
         .app
-        .list_subscriptions(&tenant, list_query(query)?)
+        .list_subscriptions(&tenant, list_query(query.as_deref())?)
         .await?;
     Ok(Json(list(&page, |s| SubscriptionDto::new(s, false))).into_response())
 }
@@ -382,12 +386,12 @@ async fn list_deliveries<S: Store, Q: DeliveryQueue, C: Clock>(
     State(state): State<ApiState<S, Q, C>>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(query): RawQuery,
 ) -> Result<Response, Problem> {
     let id = subscription_id(&id)?;
     let page = state
         .app
-        .list_deliveries(&tenant, &id, list_query(query)?)
+        .list_deliveries(&tenant, &id, list_query(query.as_deref())?)
         .await?;
     Ok(Json(list(&page, DeliveryDto::from)).into_response())
 }
@@ -522,4 +526,34 @@ async fn retry_delivery<S: Store, Q: DeliveryQueue, C: Clock>(
         .resend_delivery(&tenant, &delivery_id(&id)?)
         .await?;
     Ok((StatusCode::ACCEPTED, Json(DeliveryDto::from(&delivery))).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(query: &str) -> Option<String> {
+        list_query(Some(query)).err().and_then(|p| p.field)
+    }
+
+    #[test]
+    fn a_bad_list_parameter_is_the_one_named() {
+        // Found by the property tests: a repeated `cursor` was reported as a bad `limit`.
+        assert_eq!(field_of("cursor=YQ&cursor=Yg").as_deref(), Some("cursor"));
+        assert_eq!(field_of("limit=1&limit=2").as_deref(), Some("limit"));
+        assert_eq!(field_of("limit=-1").as_deref(), Some("limit"));
+        assert_eq!(field_of("limit=&cursor=YQ").as_deref(), Some("limit"));
+        assert_eq!(field_of("limit=2&cursor=%ff").as_deref(), Some("cursor"));
+        assert_eq!(field_of("limit=4294967296").as_deref(), Some("limit"));
+    }
+
+    #[test]
+    fn list_parameters_are_read() {
+        let page = list_query(Some("limit=7&cursor=c3ViX3g&other=%ff")).unwrap();
+        assert_eq!((page.limit, page.after.as_deref()), (7, Some("sub_x")));
+        let page = list_query(None).unwrap();
+        assert_eq!((page.limit, page.after), (0, None));
+        let page = list_query(Some("cursor=")).unwrap();
+        assert_eq!(page.after.as_deref(), Some(""));
+    }
 }

@@ -1,5 +1,5 @@
 //! Property tests of every parser of untrusted input: the domain types, the API bodies and query
-//! parameters, the stores' cursors, signature headers, `Retry-After` and SQS messages.
+//! parameters and path ids, the stores' cursors, signature headers, `Retry-After` and SQS messages.
 //!
 //! What each property promises: no input panics; every refusal is a clean error (for the API, a
 //! problem naming the field at fault); every value accepted keeps its type's invariants and reads
@@ -9,6 +9,8 @@
 //! runs a longer search. `cargo test -p tidings-core --all-features --test properties`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed assertion is a failed test
 
+#[cfg(feature = "sqlite")]
+mod api;
 mod bodies;
 mod domain;
 #[cfg(feature = "aws")]
