@@ -1,5 +1,6 @@
-//! Property tests of every parser of untrusted input: the domain types, the API bodies and query
-//! parameters and path ids, the stores' cursors, signature headers, `Retry-After` and SQS messages.
+//! Property tests of every parser of untrusted input: the domain types, the API bodies, query
+//! parameters and path ids, the stores' cursors, signature headers, `Retry-After`, SQS messages
+//! and the egress allow-list.
 //!
 //! What each property promises: no input panics; every refusal is a clean error (for the API, a
 //! problem naming the field at fault); every value accepted keeps its type's invariants and reads
@@ -13,6 +14,7 @@
 mod api;
 mod bodies;
 mod domain;
+mod egress;
 #[cfg(feature = "aws")]
 mod messages;
 mod retry_after;
