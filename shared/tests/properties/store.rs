@@ -55,8 +55,32 @@ fn instant() -> impl Strategy<Value = Timestamp> {
     ]
 }
 
+/// Accepted URLs: from good parts mostly (non-ASCII hosts and paths, any port, long paths up to
+/// the limit once encoded), and the accepted ones among the hostile texts.
 fn accepted_url() -> impl Strategy<Value = CallbackUrl> {
-    url_like().prop_filter_map("accepted", |s| CallbackUrl::parse(&s).ok())
+    let good = (
+        prop::sample::select(vec!["http", "https", "HTTPS"]),
+        prop::sample::select(vec![
+            "example.com",
+            "127.0.0.1",
+            "[::1]",
+            "bücher.example",
+            "日本.example",
+        ]),
+        prop::option::of(any::<u16>()),
+        prop_oneof![text(40), (0usize..=340).prop_map(|n| "é".repeat(n))],
+        prop::option::of(text(20)),
+    )
+        .prop_map(|(scheme, host, port, path, query)| {
+            let port = port.map(|p| format!(":{p}")).unwrap_or_default();
+            let query = query.map(|q| format!("?{q}")).unwrap_or_default();
+            format!(
+                "{scheme}://{host}{port}/{}{query}",
+                path.replace('#', "%23")
+            )
+        });
+    prop_oneof![3 => good, 1 => url_like()]
+        .prop_filter_map("accepted", |s| CallbackUrl::parse(&s).ok())
 }
 
 fn pattern() -> impl Strategy<Value = EventTypePattern> {
