@@ -1,6 +1,7 @@
 //! The HTTP API's query parameters (`limit`, `cursor`) and path ids, through the router over
 //! the SQLite store: any query is a page or a 422 naming the parameter, never a 5xx; `limit` is
-//! clamped as documented; handed-out cursors page through every subscription once.
+//! clamped as documented; handed-out cursors page through every subscription once, and only
+//! for the tenant they were handed to.
 
 use std::sync::Arc;
 
@@ -20,6 +21,8 @@ use crate::store::{check, runtime};
 use crate::text;
 
 const KEY: &str = "tdk_property-tests-key-0123456789";
+/// Another tenant's key.
+const OTHER_KEY: &str = "tdk_property-tests-key-other-0123";
 /// Subscriptions the tenant has: more than one default page.
 const SUBSCRIPTIONS: usize = 60;
 
@@ -36,6 +39,8 @@ impl Api {
         let app = Arc::new(App::new(store, queue, clock, AppConfig::default()));
         let tenant = TenantId::parse("acme").unwrap();
         app.add_api_key(&tenant, KEY).await.unwrap();
+        let other = TenantId::parse("other").unwrap();
+        app.add_api_key(&other, OTHER_KEY).await.unwrap();
         let api = Self {
             router: tidings_core::api::router(app),
             subscription: String::new(),
@@ -54,10 +59,20 @@ impl Api {
     }
 
     async fn call(&self, method: &str, uri: &str, body: String) -> (StatusCode, Value) {
+        self.call_as(KEY, method, uri, body).await
+    }
+
+    async fn call_as(
+        &self,
+        key: &str,
+        method: &str,
+        uri: &str,
+        body: String,
+    ) -> (StatusCode, Value) {
         let request = Request::builder()
             .method(method)
             .uri(uri)
-            .header("authorization", format!("Bearer {KEY}"))
+            .header("authorization", format!("Bearer {key}"))
             .header("content-type", "application/json")
             .body(Body::from(body))
             .unwrap();
@@ -193,7 +208,12 @@ fn limit_is_clamped_and_pages_follow_their_cursors() {
                 );
                 match json["nextCursor"].as_str() {
                     Some(cursor) => {
-                        uri = format!("/webhook-subscriptions?limit={limit}&cursor={cursor}")
+                        uri = format!("/webhook-subscriptions?limit={limit}&cursor={cursor}");
+                        // Handed to this tenant: another tenant's request with it is refused.
+                        let (status, json) =
+                            api.call_as(OTHER_KEY, "GET", &uri, String::new()).await;
+                        prop_assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{}", json);
+                        prop_assert_eq!(json["field"].as_str(), Some("cursor"));
                     }
                     None => break,
                 }
