@@ -125,6 +125,24 @@ async fn bad_input_is_a_problem_naming_the_field() {
             json!({"eventType": "a.b", "data": "x".repeat(210 * 1024)}),
             "data",
         ),
+        // Found by the property tests (shared/tests/properties): accepted, then unreadable.
+        // 919 bytes given, 2,719 once percent-encoded: over the 2,048 stored.
+        (
+            "/webhook-subscriptions",
+            json!({"eventType": "a", "callbackUrl": format!("https://x.example/{}", "日".repeat(300))}),
+            "callbackUrl",
+        ),
+        // The year 0000 in UTC is -0001 here; 10000 was stored as 1970.
+        (
+            "/events",
+            json!({"eventType": "a.b", "data": 1, "occurredAt": "0000-01-01T00:00:00+00:01"}),
+            "occurredAt",
+        ),
+        (
+            "/events",
+            json!({"eventType": "a.b", "data": 1, "occurredAt": "9999-12-31T23:59:59-00:01"}),
+            "occurredAt",
+        ),
     ];
     for (path, body, field) in cases {
         assert_problem(&api.post(path, body).await, 422, Some(field));
@@ -218,6 +236,29 @@ async fn subscriptions_crud_and_pagination() {
     }
     assert_eq!(seen.len(), 5);
     assert_eq!(seen[0], id, "oldest first");
+    // A cursor this API did not hand out, or given twice, is refused naming `cursor`; an
+    // invalid `limit` names `limit`.
+    for query in [
+        "cursor=bm9uc2Vuc2U",
+        "cursor=%ff",
+        "cursor=c3ViXw&cursor=c3ViXw",
+        "limit=2&cursor=",
+    ] {
+        let r = api.get(&format!("/webhook-subscriptions?{query}")).await;
+        if query.ends_with("cursor=") {
+            assert_eq!(
+                r.status, 200,
+                "an empty cursor is the first page: {:?}",
+                r.body
+            );
+        } else {
+            assert_problem(&r, 422, Some("cursor"));
+        }
+    }
+    for query in ["limit=-1", "limit=1&limit=1", "limit=x&cursor=%ff"] {
+        let r = api.get(&format!("/webhook-subscriptions?{query}")).await;
+        assert_problem(&r, 422, Some("limit"));
+    }
     let mut dedup = seen.clone();
     dedup.sort();
     dedup.dedup();

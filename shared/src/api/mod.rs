@@ -9,14 +9,14 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::app::App;
@@ -251,44 +251,64 @@ struct ListDto<T> {
     next_cursor: Option<String>,
 }
 
-fn list<'a, T, D>(page: &'a Page<T>, f: impl Fn(&'a T) -> D) -> ListDto<D> {
+/// A page as the API answers it. The cursor names the tenant it was handed to, so another
+/// tenant's cursor is refused rather than read as a place in this tenant's list.
+fn list<'a, T, D>(tenant: &TenantId, page: &'a Page<T>, f: impl Fn(&'a T) -> D) -> ListDto<D> {
     ListDto {
         data: page.items.iter().map(f).collect(),
-        next_cursor: page.next.as_ref().map(|c| URL_SAFE_NO_PAD.encode(c)),
+        next_cursor: page
+            .next
+            .as_ref()
+            .map(|c| URL_SAFE_NO_PAD.encode(format!("{tenant}:{c}"))),
     }
 }
 
-#[derive(Deserialize)]
-pub struct ListQuery {
-    limit: Option<u32>,
-    cursor: Option<String>,
-}
-
-impl ListQuery {
-    fn page(self) -> Result<PageRequest, Problem> {
-        let after = self
-            .cursor
-            .map(|c| {
-                URL_SAFE_NO_PAD
-                    .decode(&c)
-                    .ok()
-                    .and_then(|b| String::from_utf8(b).ok())
-                    .ok_or_else(|| Problem::invalid("cursor", "is not a cursor this API returned"))
-            })
-            .transpose()?;
-        Ok(PageRequest {
-            limit: self.limit.unwrap_or(0),
-            after,
-        })
+/// `?limit=&cursor=` of a list, read pair by pair so that a refusal names the parameter at
+/// fault (serde's "duplicate field `cursor`" was reported as a bad `limit`). Other parameters
+/// are ignored; an empty cursor is none (the first page). A cursor is one [`list`] handed to
+/// `tenant`; the store checks the rest.
+fn list_query(raw: Option<&str>, tenant: &TenantId) -> Result<PageRequest, Problem> {
+    let mut limit = None;
+    let mut cursor = None;
+    for (name, value) in url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+        match name.as_ref() {
+            "limit" => {
+                let n = value.parse::<u32>().map_err(|_| {
+                    Problem::invalid("limit", format!("`{value}` is not a number of items"))
+                })?;
+                if limit.replace(n).is_some() {
+                    return Err(Problem::invalid("limit", "is given more than once"));
+                }
+            }
+            "cursor" => {
+                let after = if value.is_empty() {
+                    None
+                } else {
+                    let decoded = URL_SAFE_NO_PAD
+                        .decode(value.as_bytes())
+                        .ok()
+                        .and_then(|b| String::from_utf8(b).ok())
+                        .and_then(|c| {
+                            c.strip_prefix(&format!("{tenant}:"))
+                                .filter(|c| !c.is_empty())
+                                .map(str::to_owned)
+                        })
+                        .ok_or_else(|| {
+                            Problem::invalid("cursor", "is not a cursor this API returned")
+                        })?;
+                    Some(decoded)
+                };
+                if cursor.replace(after).is_some() {
+                    return Err(Problem::invalid("cursor", "is given more than once"));
+                }
+            }
+            _ => {}
+        }
     }
-}
-
-fn list_query(
-    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<PageRequest, Problem> {
-    q.map_err(|e| Problem::invalid("limit", e.body_text()))?
-        .0
-        .page()
+    Ok(PageRequest {
+        limit: limit.unwrap_or(0),
+        after: cursor.flatten(),
+    })
 }
 
 // Unknown or malformed ids are simply not found: no id leaks whether it exists elsewhere.
@@ -321,13 +341,13 @@ async fn create_subscription<S: Store, Q: DeliveryQueue, C: Clock>(
 async fn list_subscriptions<S: Store, Q: DeliveryQueue, C: Clock>(
     State(state): State<ApiState<S, Q, C>>,
     Tenant(tenant): Tenant,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(query): RawQuery,
 ) -> Result<Response, Problem> {
     let page = state
         .app
-        .list_subscriptions(&tenant, list_query(query)?)
+        .list_subscriptions(&tenant, list_query(query.as_deref(), &tenant)?)
         .await?;
-    Ok(Json(list(&page, |s| SubscriptionDto::new(s, false))).into_response())
+    Ok(Json(list(&tenant, &page, |s| SubscriptionDto::new(s, false))).into_response())
 }
 
 async fn get_subscription<S: Store, Q: DeliveryQueue, C: Clock>(
@@ -382,14 +402,14 @@ async fn list_deliveries<S: Store, Q: DeliveryQueue, C: Clock>(
     State(state): State<ApiState<S, Q, C>>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(query): RawQuery,
 ) -> Result<Response, Problem> {
     let id = subscription_id(&id)?;
     let page = state
         .app
-        .list_deliveries(&tenant, &id, list_query(query)?)
+        .list_deliveries(&tenant, &id, list_query(query.as_deref(), &tenant)?)
         .await?;
-    Ok(Json(list(&page, DeliveryDto::from)).into_response())
+    Ok(Json(list(&tenant, &page, DeliveryDto::from)).into_response())
 }
 
 async fn publish_event<S: Store, Q: DeliveryQueue, C: Clock>(
@@ -522,4 +542,70 @@ async fn retry_delivery<S: Store, Q: DeliveryQueue, C: Clock>(
         .resend_delivery(&tenant, &delivery_id(&id)?)
         .await?;
     Ok((StatusCode::ACCEPTED, Json(DeliveryDto::from(&delivery))).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acme() -> TenantId {
+        TenantId::parse("acme").unwrap()
+    }
+
+    fn field_of(query: &str) -> Option<String> {
+        list_query(Some(query), &acme()).err().and_then(|p| p.field)
+    }
+
+    fn cursor(text: &str) -> String {
+        URL_SAFE_NO_PAD.encode(text)
+    }
+
+    #[test]
+    fn a_bad_list_parameter_is_the_one_named() {
+        // Found by the property tests: a repeated `cursor` was reported as a bad `limit`.
+        let (a, b) = (cursor("acme:a"), cursor("acme:b"));
+        assert_eq!(
+            field_of(&format!("cursor={a}&cursor={b}")).as_deref(),
+            Some("cursor")
+        );
+        assert_eq!(field_of("limit=1&limit=2").as_deref(), Some("limit"));
+        assert_eq!(field_of("limit=-1").as_deref(), Some("limit"));
+        assert_eq!(
+            field_of(&format!("limit=&cursor={a}")).as_deref(),
+            Some("limit")
+        );
+        assert_eq!(field_of("limit=2&cursor=%ff").as_deref(), Some("cursor"));
+        assert_eq!(field_of("limit=4294967296").as_deref(), Some("limit"));
+    }
+
+    #[test]
+    fn list_parameters_are_read() {
+        let query = format!("limit=7&cursor={}&other=%ff", cursor("acme:sub_x"));
+        let page = list_query(Some(&query), &acme()).unwrap();
+        assert_eq!((page.limit, page.after.as_deref()), (7, Some("sub_x")));
+        let page = list_query(None, &acme()).unwrap();
+        assert_eq!((page.limit, page.after), (0, None));
+        let page = list_query(Some("cursor="), &acme()).unwrap();
+        assert_eq!(page.after, None, "an empty cursor is the first page");
+    }
+
+    #[test]
+    fn a_cursor_is_the_tenants_it_was_handed_to() {
+        let page = Page {
+            items: vec![1],
+            next: Some("sub_x".to_owned()),
+        };
+        let handed = list(&acme(), &page, |i| *i).next_cursor.unwrap();
+        let query = format!("cursor={handed}");
+        let read = list_query(Some(&query), &acme()).unwrap();
+        assert_eq!(read.after.as_deref(), Some("sub_x"));
+        let other = TenantId::parse("acme-2").unwrap();
+        let refused = list_query(Some(&query), &other).unwrap_err();
+        assert_eq!(refused.field.as_deref(), Some("cursor"));
+        // Nor a store cursor without its tenant, as the API handed them out before.
+        for query in [cursor("sub_x"), cursor("acme:")] {
+            let query = format!("cursor={query}");
+            assert_eq!(field_of(&query).as_deref(), Some("cursor"), "{query}");
+        }
+    }
 }

@@ -1540,4 +1540,85 @@ mod tests {
         let page = into_page(vec![1, 2], 2, |i| i.to_string());
         assert_eq!((page.items, page.next), (vec![1, 2], None));
     }
+
+    /// The key and cursor parsers under property tests (shared/tests/properties has the
+    /// others): any text is a cursor exactly when it is a list key, and every list key and
+    /// delivery key this store writes parses back.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn config() -> ProptestConfig {
+            ProptestConfig {
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            }
+        }
+
+        fn delivery(tenant: &str, event: &str, created_ms: i64) -> Delivery {
+            let tenant = TenantId::parse(tenant).unwrap();
+            Delivery::new(
+                tenant.clone(),
+                EventId::parse(event).unwrap(),
+                subscription(&tenant, ts(0)).id,
+                Timestamp::from_unix_millis(created_ms),
+                Duration::ZERO,
+                Duration::from_secs(60),
+            )
+        }
+
+        fn cursor_like() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                "[0-9]{11,15}[#.](dlv_|sub_)?[0-9a-zA-Z]{24,28}",
+                ("[0-9]{13}", "[0-9a-z]{26}").prop_map(|(ms, id)| format!("{ms}#dlv_{id}")),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            #[test]
+            fn delivery_cursors_are_exactly_list_keys(s in cursor_like()) {
+                let form = s.split_once('#').is_some_and(|(ms, id)| {
+                    ms.len() == 13
+                        && ms.bytes().all(|b| b.is_ascii_digit())
+                        && DeliveryId::parse(id).is_ok()
+                });
+                match parse_delivery_cursor(&s) {
+                    Ok(cursor) => {
+                        prop_assert!(form, "{:?}", s);
+                        prop_assert_eq!(cursor, s.as_str());
+                    }
+                    Err(e) => {
+                        prop_assert!(!form, "{:?}", s);
+                        prop_assert!(matches!(e, StoreError::BadCursor));
+                    }
+                }
+            }
+
+            #[test]
+            fn list_keys_are_cursors_and_sort_by_creation_time(
+                tenant in "[a-z0-9_-]{1,64}",
+                (a, b) in ("[A-Za-z0-9._:-]{1,128}", "[A-Za-z0-9._:-]{1,128}"),
+                (at_a, at_b) in (-1_000i64..=9_999_999_999_999, -1_000i64..=9_999_999_999_999),
+            ) {
+                let (da, db) = (delivery(&tenant, &a, at_a), delivery(&tenant, &b, at_b));
+                let (ka, kb) = (delivery_list_sk(&da), delivery_list_sk(&db));
+                prop_assert_eq!(parse_delivery_cursor(&ka).ok(), Some(ka.as_str()));
+                if at_a.max(0) != at_b.max(0) {
+                    prop_assert_eq!(ka.cmp(&kb), at_a.max(0).cmp(&at_b.max(0)), "{} vs {}", ka, kb);
+                }
+                let pk = delivery_pk(da.tenant_id(), da.id());
+                let parsed = parse_delivery_pk(&pk).unwrap();
+                prop_assert_eq!((&parsed.0, &parsed.1), (da.tenant_id(), da.id()));
+            }
+
+            #[test]
+            fn any_text_is_a_delivery_key_or_an_error(s in any::<String>()) {
+                let _ = parse_delivery_pk(&s);
+                let _ = parse_delivery_pk(&format!("T#{s}#DLV#{s}"));
+            }
+        }
+    }
 }

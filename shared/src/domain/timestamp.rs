@@ -11,6 +11,11 @@ use time::format_description::well_known::Rfc3339;
 #[error("{0}")]
 pub struct TimestampError(String);
 
+/// 0000-01-01T00:00:00.000Z and 9999-12-31T23:59:59.999Z, in milliseconds: the instants RFC 3339
+/// can write in UTC.
+const FIRST_MILLIS: i64 = -62_167_219_200_000;
+const LAST_MILLIS: i64 = 253_402_300_799_999;
+
 /// Milliseconds since the Unix epoch. Millisecond precision is what every store keeps, so a value
 /// reads back exactly as it was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -33,15 +38,24 @@ impl Timestamp {
         Self::from_offset(OffsetDateTime::now_utc())
     }
 
+    /// Rounded down to the millisecond, before 1970 too (`/` would round those up).
     fn from_offset(t: OffsetDateTime) -> Self {
-        Self((t.unix_timestamp_nanos() / 1_000_000) as i64)
+        Self(t.unix_timestamp_nanos().div_euclid(1_000_000) as i64)
     }
 
-    /// Accepts any RFC 3339 offset (`+02:00`) and normalizes to UTC.
+    /// Accepts any RFC 3339 offset (`+02:00`) and normalizes to UTC. The instant must fall in
+    /// the years 0000 to 9999 in UTC (`0000-01-01T00:00:00+01:00` does not): the UTC form is
+    /// what is displayed and stored, and RFC 3339 has four digits for the year.
     pub fn parse(s: &str) -> Result<Self, TimestampError> {
-        OffsetDateTime::parse(s, &Rfc3339)
+        let t = OffsetDateTime::parse(s, &Rfc3339)
             .map(Self::from_offset)
-            .map_err(|_| TimestampError(format!("`{s}` is not an RFC 3339 timestamp")))
+            .map_err(|_| TimestampError(format!("`{s}` is not an RFC 3339 timestamp")))?;
+        if !(FIRST_MILLIS..=LAST_MILLIS).contains(&t.0) {
+            return Err(TimestampError(format!(
+                "`{s}` is outside the years 0000 to 9999 in UTC"
+            )));
+        }
+        Ok(t)
     }
 
     pub fn saturating_add(self, d: Duration) -> Self {
@@ -104,6 +118,43 @@ mod tests {
                 .unix_seconds(),
             1_614_354_130
         );
+    }
+
+    #[test]
+    fn only_the_years_0000_to_9999_in_utc() {
+        // Found by the property tests: an offset moved these out of range in UTC, where they
+        // were stored unreadable (`-001-12-31…`) or as 1970 (year 10000 is past `time`'s range).
+        for bad in [
+            "0000-01-01T00:00:00+00:01",
+            "9999-12-31T23:59:59-00:01",
+            "9999-12-31T23:30:00-23:59",
+        ] {
+            assert!(Timestamp::parse(bad).is_err(), "{bad}");
+        }
+        let first = Timestamp::parse("0000-01-01T00:00:00Z").unwrap();
+        let last = Timestamp::parse("9999-12-31T23:59:59.999999Z").unwrap();
+        assert_eq!(first.unix_millis(), FIRST_MILLIS);
+        assert_eq!(last.unix_millis(), LAST_MILLIS);
+        assert_eq!(first.to_string(), "0000-01-01T00:00:00.000Z");
+        assert_eq!(last.to_string(), "9999-12-31T23:59:59.999Z");
+        assert_eq!(
+            Timestamp::parse("0000-01-01T00:59:00+00:59")
+                .unwrap()
+                .unix_millis(),
+            FIRST_MILLIS
+        );
+    }
+
+    #[test]
+    fn sub_millisecond_digits_round_down_before_1970_too() {
+        // Found by the property tests: before 1970 the division rounded towards zero, so this
+        // was kept as `…00.001Z`, later than the instant given.
+        let t = Timestamp::parse("0000-01-02T00:00:00.0001Z").unwrap();
+        assert_eq!(t.to_string(), "0000-01-02T00:00:00.000Z");
+        let t = Timestamp::parse("1969-12-31T23:59:59.9999Z").unwrap();
+        assert_eq!(t.unix_millis(), -1);
+        let t = Timestamp::parse("1970-01-01T00:00:00.0009Z").unwrap();
+        assert_eq!(t.unix_millis(), 0);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Request bodies, parsed field by field so every error names its field. The same parsers read
 //! events arriving on the SQS events queue.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
@@ -96,10 +96,13 @@ fn event_types(
         (false, true) => {
             let raw: Vec<String> = fields.required("eventTypes")?;
             let mut patterns = Vec::with_capacity(raw.len());
+            // A set, not `patterns.contains`: a 256 KiB body lists some 40,000 types, and the
+            // limit on how many a subscription may have is checked after this.
+            let mut seen = HashSet::with_capacity(raw.len());
             for (i, s) in raw.iter().enumerate() {
                 let p = EventTypePattern::parse(s)
                     .map_err(|e| Problem::invalid(format!("eventTypes[{i}]"), e.to_string()))?;
-                if !patterns.contains(&p) {
+                if seen.insert(p.clone()) {
                     patterns.push(p);
                 }
             }
@@ -374,6 +377,39 @@ mod tests {
                 br#"{"callbackUrl":"https://x.example/"}"#
             )),
             (422, Some("eventType".into()))
+        );
+    }
+
+    /// Work per request is linear in its size: a largest body (256 KiB) listing some 40,000
+    /// distinct event types is parsed (to be refused later, past the 100-pattern limit) in
+    /// milliseconds. De-duplicating with `Vec::contains` took 12 s in a debug build.
+    #[test]
+    fn a_body_of_many_event_types_is_parsed_in_linear_time() {
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-";
+        let mut names = Vec::new();
+        let mut body_len = 0;
+        'outer: for a in ALPHABET {
+            for b in ALPHABET {
+                for c in ALPHABET {
+                    body_len += 6;
+                    if body_len > 250 * 1024 {
+                        break 'outer;
+                    }
+                    names.push(String::from_utf8(vec![*a, *b, *c]).unwrap());
+                }
+            }
+        }
+        let body = serde_json::json!({ "eventTypes": names, "callbackUrl": "https://x.example/" })
+            .to_string();
+        assert!(body.len() <= crate::api::MAX_BODY_BYTES);
+        let started = std::time::Instant::now();
+        let parsed = parse_new_subscription(body.as_bytes()).unwrap();
+        let took = started.elapsed();
+        assert_eq!(parsed.event_types.len(), names.len());
+        assert!(
+            took < std::time::Duration::from_secs(1),
+            "{} event types took {took:?}",
+            names.len()
         );
     }
 }

@@ -517,8 +517,12 @@ impl Store for SqliteStore {
     ) -> StoreResult<Page<Subscription>> {
         let tenant = tenant.clone();
         let limit = page_limit(page);
-        // Ids are never empty, so "after nothing" is "after ''".
+        // Ids are never empty, so "after nothing" is "after ''". A cursor is a subscription id
+        // (as this store hands them out), else it is refused as the DynamoDB store refuses it.
         let after = page.after.clone().unwrap_or_default();
+        if !after.is_empty() && SubscriptionId::parse(&after).is_err() {
+            return Err(StoreError::BadCursor);
+        }
         let bodies = self
             .read(move |conn| {
                 query_bodies(
@@ -797,13 +801,17 @@ impl Store for SqliteStore {
     ) -> StoreResult<Page<Delivery>> {
         let (tenant, subscription) = (tenant.clone(), subscription.clone());
         let limit = page_limit(page);
+        // `millis.id` as `into_page` below writes it, else `BadCursor`; empty is no cursor,
+        // as in the DynamoDB store.
         let after = page
             .after
             .as_deref()
+            .filter(|cursor| !cursor.is_empty())
             .map(|cursor| {
                 let (millis, id) = cursor.split_once('.').ok_or(StoreError::BadCursor)?;
                 let millis: i64 = millis.parse().map_err(|_| StoreError::BadCursor)?;
-                Ok((millis, id.to_owned()))
+                let id = DeliveryId::parse(id).map_err(|_| StoreError::BadCursor)?;
+                Ok((millis, id.as_str().to_owned()))
             })
             .transpose()?;
         let bodies = self
