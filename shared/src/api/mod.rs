@@ -97,9 +97,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> FromRequestParts<ApiState<S, Q, C>> f
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
+            .and_then(bearer_token)
             .ok_or_else(Problem::unauthorized)?;
         match state.app.authenticate(key).await {
             Ok(Some(tenant)) => Ok(Tenant(tenant)),
@@ -107,6 +105,15 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> FromRequestParts<ApiState<S, Q, C>> f
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// The token of an `Authorization` value in the `Bearer` scheme, whose name is
+/// case-insensitive (RFC 9110 §11.1), as any client may spell it.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && !token.contains(' '))
+        .then_some(token)
 }
 
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Problem> {
@@ -558,6 +565,30 @@ mod tests {
 
     fn cursor(text: &str) -> String {
         URL_SAFE_NO_PAD.encode(text)
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_read_whatever_its_case() {
+        for value in [
+            "Bearer k1",
+            "bearer k1",
+            "BEARER k1",
+            "Bearer   k1 ",
+            " Bearer k1",
+        ] {
+            assert_eq!(bearer_token(value), Some("k1"), "{value:?}");
+        }
+        for value in [
+            "Bearer",
+            "Bearer ",
+            "Basic k1",
+            "Bearerk1",
+            "Bearer k1 k2",
+            "k1",
+            "",
+        ] {
+            assert_eq!(bearer_token(value), None, "{value:?}");
+        }
     }
 
     #[test]

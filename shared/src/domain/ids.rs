@@ -29,7 +29,9 @@ macro_rules! prefixed_id {
                 if rest.len() != 26 || ulid::Ulid::from_string(&rest.to_ascii_uppercase()).is_err() {
                     return Err(IdError(format!("`{s}` is not a valid {} id", $prefix.trim_end_matches('_'))));
                 }
-                Ok(Self(s.to_owned()))
+                // ULIDs are case-insensitive; ids are handed out in lower case, so one written
+                // in upper case names the same thing.
+                Ok(Self(format!("{}{}", $prefix, rest.to_ascii_lowercase())))
             }
 
             pub fn as_str(&self) -> &str {
@@ -206,6 +208,17 @@ impl<'de> Deserialize<'de> for TenantId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_written_in_upper_case_names_the_same_thing() {
+        let sub = SubscriptionId::generate();
+        let shouted = format!("sub_{}", sub.as_str()["sub_".len()..].to_ascii_uppercase());
+        assert_eq!(SubscriptionId::parse(&shouted).unwrap(), sub);
+        let dlv = DeliveryId::generate();
+        let shouted = format!("dlv_{}", dlv.as_str()["dlv_".len()..].to_ascii_uppercase());
+        assert_eq!(DeliveryId::parse(&shouted).unwrap(), dlv);
+        assert!(SubscriptionId::parse(&shouted.replacen("dlv_", "SUB_", 1)).is_err());
+    }
 
     #[test]
     fn generated_ids_parse_back() {
