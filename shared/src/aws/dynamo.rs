@@ -103,8 +103,8 @@ use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, CancellationReason, GlobalSecondaryIndex,
     KeySchemaElement, KeyType, KeysAndAttributes, Projection, ProjectionType, Put,
-    ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TimeToLiveSpecification,
-    TimeToLiveStatus, TransactWriteItem,
+    ReturnValuesOnConditionCheckFailure, ScalarAttributeType, StreamSpecification,
+    StreamViewType, TimeToLiveSpecification, TimeToLiveStatus, TransactWriteItem,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -132,6 +132,11 @@ pub const DUE_SHARD: &str = "due_shard";
 pub const DUE_AT: &str = "due_at";
 /// The TTL attribute (epoch seconds).
 pub const TTL_ATTRIBUTE: &str = "expires_at";
+/// Attribute of an event item whose fan-out the table's change stream starts
+/// ([`FAN_OUT_BY_STREAM`]); the stream's event source mapping lets only new items with it through.
+pub const FAN_OUT_ATTRIBUTE: &str = "fan_out";
+/// [`FAN_OUT_ATTRIBUTE`]'s value on an event the stream fans out.
+pub const FAN_OUT_BY_STREAM: &str = "stream";
 /// How many partition keys the due index is spread over. Every new delivery writes an index row
 /// when it enters and another when it leaves, and one index partition takes 1,000 writes a second:
 /// 32 shards carry 16,000 deliveries a second (docs/scaling.md). Part of the stored data: raising
@@ -240,8 +245,9 @@ impl DynamoStore {
         self
     }
 
-    /// Creates the table with its indexes and TTL, and waits until it is active. Idempotent: an
-    /// existing table is left as it is (its TTL is switched on if it is off).
+    /// Creates the table with its indexes, change stream (new images) and TTL, and waits until it
+    /// is active. Idempotent: an existing table is left as it is (its TTL is switched on if it is
+    /// off).
     pub async fn create_table(client: &Client, table: &str) -> Result<(), StoreError> {
         let created = client
             .create_table()
@@ -277,6 +283,13 @@ impl DynamoStore {
                             .projection_type(ProjectionType::KeysOnly)
                             .build(),
                     )
+                    .build()
+                    .map_err(StoreError::unavailable)?,
+            )
+            .stream_specification(
+                StreamSpecification::builder()
+                    .stream_enabled(true)
+                    .stream_view_type(StreamViewType::NewImage)
                     .build()
                     .map_err(StoreError::unavailable)?,
             )
