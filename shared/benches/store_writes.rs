@@ -22,7 +22,7 @@ use serde_json::value::RawValue;
 use tidings_core::domain::{
     Delivery, Event, EventId, EventType, SubscriptionId, TenantId, Timestamp,
 };
-use tidings_core::ports::{InsertOutcome, NewEvent, Store};
+use tidings_core::ports::{FanOutDuty, InsertOutcome, NewEvent, Store};
 use tidings_core::sqlite::SqliteStore;
 use tokio::runtime::Runtime;
 
@@ -60,7 +60,7 @@ fn template() -> (NewEvent, Delivery) {
     let new = NewEvent {
         event,
         idempotency_key: None,
-        fan_out_due_at: Some(owed),
+        fan_out: FanOutDuty::Owed { due_at: owed },
     };
     (new, delivery)
 }

@@ -16,8 +16,8 @@ use crate::domain::{
     Subscription, SubscriptionId, SubscriptionStatus, TenantId, Timestamp,
 };
 use crate::ports::{
-    Clock, DeliveryJob, DeliveryQueue, DueDelivery, FanOutJob, InsertOutcome, Job, NewEvent, Page,
-    PageRequest, Store, StoreError,
+    Clock, DeliveryJob, DeliveryQueue, DueDelivery, FanOutDuty, FanOutJob, InsertOutcome, Job,
+    NewEvent, Page, PageRequest, Store, StoreError,
 };
 use crate::retry::{self, AttemptClass, RetrySchedule};
 use crate::sender::{HttpSender, OutboundRequest, SendOutcome, TransportFailure};
@@ -83,6 +83,22 @@ pub struct AppConfig {
     /// How long a delivery may stay held before it is ended: a little less than the store's
     /// retention (DynamoDB's TTL), so none expires unseen. `None`: no limit (SQLite keeps all).
     pub hold_limit: Option<Duration>,
+    /// What starts an accepted event's fan-out.
+    pub fan_out_trigger: FanOutTrigger,
+}
+
+/// What starts the fan-out of an event accepted through the API (events from the AWS events
+/// queue are fanned out where they are received, whatever this says).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FanOutTrigger {
+    /// A fan-out job through the queue; the store keeps the event owing its fan-out until it is
+    /// done, and the sweep recovers it should the job be lost ([`FanOutDuty::Owed`]). Locally,
+    /// and on AWS with `TIDINGS_FAN_OUT=queue`.
+    #[default]
+    Queue,
+    /// The store's change stream: DynamoDB Streams hands each new event to `deliver` and retries
+    /// until it is handled ([`FanOutDuty::Stream`]). No queue message, nothing marked done.
+    StoreStream,
 }
 
 impl AppConfig {
@@ -119,6 +135,7 @@ impl Default for AppConfig {
             attempt_budget: Duration::from_secs(45),
             sweep_batch: 500,
             hold_limit: None,
+            fan_out_trigger: FanOutTrigger::Queue,
         }
     }
 }
@@ -671,6 +688,66 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         request: PublishRequest,
         idempotency_key: Option<String>,
     ) -> AppResult<Accepted> {
+        let first_delay = self.config.first_delay();
+        let trigger = self.config.fan_out_trigger;
+        let grace = self.config.fan_out_grace();
+        let (published, event) = self
+            .store_event(
+                tenant,
+                subscriptions,
+                request,
+                idempotency_key,
+                |now| match trigger {
+                    FanOutTrigger::Queue => FanOutDuty::Owed {
+                        due_at: now.saturating_add(first_delay).saturating_add(grace),
+                    },
+                    FanOutTrigger::StoreStream => FanOutDuty::Stream,
+                },
+            )
+            .await?;
+        let jobs = match (event, trigger) {
+            (Some(event), FanOutTrigger::Queue) => {
+                let job = FanOutJob {
+                    tenant_id: event.tenant_id,
+                    event_id: event.id,
+                    recovery: false,
+                    untracked: false,
+                };
+                vec![(job.into(), first_delay)]
+            }
+            // Repeated (nothing to do), or the stream starts it.
+            _ => Vec::new(),
+        };
+        Ok(Accepted { published, jobs })
+    }
+
+    /// Stores an event its caller fans out at once with [`fan_out_event`](Self::fan_out_event),
+    /// keeping its own durable record meanwhile ([`FanOutDuty::Caller`]: the SQS message it came
+    /// in). Returns the event when it is new; for a repeat (its id or idempotency key seen
+    /// before), the caller runs a recovery of the stored one, since it cannot know whether an
+    /// earlier receive of the same message finished it.
+    pub async fn accept_event_to_fan_out(
+        &self,
+        tenant: &TenantId,
+        subscriptions: &[Subscription],
+        request: PublishRequest,
+        idempotency_key: Option<String>,
+    ) -> AppResult<(Published, Option<Event>)> {
+        self.store_event(tenant, subscriptions, request, idempotency_key, |_| {
+            FanOutDuty::Caller
+        })
+        .await
+    }
+
+    /// Checks and stores an event; the event back when it is new.
+    async fn store_event(
+        &self,
+        tenant: &TenantId,
+        subscriptions: &[Subscription],
+        request: PublishRequest,
+        idempotency_key: Option<String>,
+        duty: impl FnOnce(Timestamp) -> FanOutDuty,
+    ) -> AppResult<(Published, Option<Event>)> {
         if request.data.get().len() > MAX_EVENT_DATA_BYTES {
             return Err(AppError::invalid(
                 "data",
@@ -696,19 +773,15 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             received_at: now,
             fingerprint,
         };
-        let first_delay = self.config.first_delay();
         // Reported in the answer; the deliveries themselves are made by the fan-out.
         let deliveries = subscriptions
             .iter()
             .filter(|s| s.wants(&event.event_type))
             .count();
         let new = NewEvent {
-            fan_out_due_at: Some(
-                now.saturating_add(first_delay)
-                    .saturating_add(self.config.fan_out_grace()),
-            ),
             event,
             idempotency_key,
+            fan_out: duty(now),
         };
         match self.store.insert_event(&new).await? {
             InsertOutcome::Existing {
@@ -726,29 +799,20 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
                          send the same body, a new event needs a new {what}"
                     )));
                 }
-                Ok(Accepted {
-                    published: Published {
-                        event_id,
-                        created: false,
-                        deliveries: 0,
-                    },
-                    jobs: Vec::new(),
-                })
+                let published = Published {
+                    event_id,
+                    created: false,
+                    deliveries: 0,
+                };
+                Ok((published, None))
             }
             InsertOutcome::Created => {
-                let job = FanOutJob {
-                    tenant_id: tenant.clone(),
+                let published = Published {
                     event_id: new.event.id.clone(),
-                    recovery: false,
+                    created: true,
+                    deliveries,
                 };
-                Ok(Accepted {
-                    published: Published {
-                        event_id: new.event.id,
-                        created: true,
-                        deliveries,
-                    },
-                    jobs: vec![(job.into(), first_delay)],
-                })
+                Ok((published, Some(new.event)))
             }
         }
     }
@@ -828,7 +892,8 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
     /// paused) and written once, with what was sent and what came back. Then the event is marked
     /// fanned out. `subscriptions`: the tenant's, when the caller read them already (a batch).
     /// `Err`: the store failed; the job should come back (should it not, the sweep sends the
-    /// fan-out again once it is overdue, as a recovery that leaves made deliveries alone).
+    /// fan-out again once it is overdue, as a recovery that leaves made deliveries alone; an
+    /// [`untracked`](FanOutJob::untracked) one has no such net, so its job must come back).
     #[tracing::instrument(skip_all, fields(event = %job.event_id, tenant = %job.tenant_id))]
     pub async fn fan_out<H: HttpSender>(
         &self,
@@ -846,19 +911,34 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             tracing::warn!("fan-out of an event that is not stored");
             return Ok(FanOutReport::default());
         };
-        if owed.is_none() {
+        if owed.is_none() && !job.untracked {
             // Done already: a duplicate of the job, a late one the sweep's recovery overtook,
             // or a redrive. Nothing is sent again.
             tracing::info!("fan-out done already");
             return Ok(FanOutReport::default());
         }
+        self.fan_out_event(sender, &event, job, subscriptions, deadline)
+            .await
+    }
+
+    /// [`fan_out`](Self::fan_out) of an event at hand (from the store's change stream, or just
+    /// stored by the caller): nothing is read but the subscriptions, when not given.
+    #[tracing::instrument(skip_all, fields(event = %job.event_id, tenant = %job.tenant_id))]
+    pub async fn fan_out_event<H: HttpSender>(
+        &self,
+        sender: &H,
+        event: &Event,
+        job: &FanOutJob,
+        subscriptions: Option<&[Subscription]>,
+        deadline: Option<Timestamp>,
+    ) -> Result<FanOutReport, StoreError> {
         // Not before the first attempt is due (the schedule's first entry): a queue caps its
         // delays (SQS at 15 minutes), and a recovery may come early. Sent again for then.
         let due = event.received_at.saturating_add(self.config.first_delay());
         let now = self.clock.now();
         if now < due {
             let left = now.until(due).min(self.queue.max_delay());
-            self.send_jobs(vec![(job.clone().into(), left)]).await;
+            self.hand_on(job.clone(), left).await?;
             return Ok(FanOutReport::default());
         }
         let read;
@@ -875,7 +955,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         let mut attempts = Vec::new();
         for s in subscriptions {
             if s.wants(&event.event_type) && s.created_at <= newest {
-                attempts.push(self.first_attempt(sender, &event, s, job.recovery, deadline));
+                attempts.push(self.first_attempt(sender, event, s, job.recovery, deadline));
             }
         }
         let made = join_bounded(attempts, FAN_OUT_AT_ONCE).await;
@@ -892,8 +972,8 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         }
         if report.left > 0 {
             // The caller's time ran short (a function's timeout): the rest goes on in another
-            // worker at once, as a recovery, which leaves the deliveries made here alone. The
-            // event stays owed until then.
+            // worker at once, as a recovery, which leaves the deliveries made here alone. An
+            // owed event stays owed until then.
             tracing::info!(
                 left = report.left,
                 "fan-out continues elsewhere: too little time left here"
@@ -902,12 +982,14 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
                 recovery: true,
                 ..job.clone()
             };
-            self.send_jobs(vec![(rest.into(), Duration::ZERO)]).await;
+            self.hand_on(rest, Duration::ZERO).await?;
             return Ok(report);
         }
-        match self.store.fanned_out(&job.tenant_id, &job.event_id).await {
-            Ok(()) | Err(StoreError::NotFound) => {}
-            Err(e) => return Err(e),
+        if !job.untracked {
+            match self.store.fanned_out(&job.tenant_id, &job.event_id).await {
+                Ok(()) | Err(StoreError::NotFound) => {}
+                Err(e) => return Err(e),
+            }
         }
         tracing::info!(
             created = report.created,
@@ -916,6 +998,21 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             "event fanned out"
         );
         Ok(report)
+    }
+
+    /// Sends a fan-out job on (for later, or to another worker). An owed fan-out has the sweep as
+    /// its net, so a failed send is only logged; for an untracked one the job is the only record
+    /// of the work, so a failed send fails the fan-out, and its own record comes back.
+    async fn hand_on(&self, job: FanOutJob, delay: Duration) -> Result<(), StoreError> {
+        if !job.untracked {
+            self.send_jobs(vec![(job.into(), delay)]).await;
+            return Ok(());
+        }
+        self.queue
+            .enqueue(vec![(job.into(), delay)])
+            .await
+            // Reported as the store's kind of failure: something to try again.
+            .map_err(|e| StoreError::unavailable(format!("fan-out not handed on: {e}")))
     }
 
     /// One subscription's delivery of `event`, made with its first attempt (or held). A
@@ -1381,6 +1478,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
                     tenant_id: due.tenant_id,
                     event_id: due.event_id,
                     recovery: true,
+                    untracked: false,
                 };
                 claimed.push((job.into(), Duration::ZERO));
             }
@@ -1459,13 +1557,21 @@ mod tests {
 
     /// The jobs enqueued, and their delays.
     #[derive(Default)]
-    struct Jobs(Mutex<Vec<Job>>, Mutex<Vec<Duration>>);
+    /// The jobs queued, their delays, and whether the queue is down.
+    struct Jobs(
+        Mutex<Vec<Job>>,
+        Mutex<Vec<Duration>>,
+        std::sync::atomic::AtomicBool,
+    );
 
     impl DeliveryQueue for Jobs {
         fn max_delay(&self) -> Duration {
             Duration::from_secs(900)
         }
         async fn enqueue(&self, jobs: Vec<(Job, Duration)>) -> Result<(), QueueError> {
+            if self.2.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(QueueError("the fake queue is down".into()));
+            }
             for (job, delay) in jobs {
                 self.0.lock().unwrap().push(job);
                 self.1.lock().unwrap().push(delay);
@@ -2172,6 +2278,96 @@ mod tests {
         assert!(owed.is_some(), "still owed meanwhile");
         app.fan_out(&sender, &rest[0], None, None).await.unwrap();
         assert_eq!(sender.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_stream_started_fan_out_sends_no_job_and_marks_nothing() {
+        let config = AppConfig {
+            fan_out_trigger: FanOutTrigger::StoreStream,
+            ..AppConfig::default()
+        };
+        let (app, a, sub) = app_with_subscription(config).await;
+        let published = app.publish_event(&a, order("{}"), None).await.unwrap();
+        assert_eq!(published.deliveries, 1);
+        assert!(
+            app.queue.0.lock().unwrap().is_empty(),
+            "no queue message: the store's stream starts the fan-out"
+        );
+        let now = app.clock.now().saturating_add(Duration::from_secs(3600));
+        assert!(
+            app.store.due_fan_outs(now, 10).await.unwrap().is_empty(),
+            "nothing for the sweep: the stream retries until it is handled"
+        );
+
+        // The stream hands the new item over.
+        let event = app
+            .store
+            .get_event(&a, &published.event_id)
+            .await
+            .unwrap()
+            .unwrap();
+        let job = FanOutJob {
+            tenant_id: a.clone(),
+            event_id: event.id.clone(),
+            recovery: false,
+            untracked: true,
+        };
+        let sender = Counts::default();
+        let report = app
+            .fan_out_event(&sender, &event, &job, None, None)
+            .await
+            .unwrap();
+        assert_eq!((report.created, report.delivered), (1, 1));
+        assert_eq!(sender.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let id = DeliveryId::derive(&a, &event.id, &sub.id);
+        assert!(app.store.get_delivery(&a, &id).await.unwrap().is_some());
+
+        // A job handed on for it (a worker short of time) runs though the store owes nothing,
+        // and as a recovery it leaves the delivery made alone.
+        let rest = FanOutJob {
+            recovery: true,
+            ..job
+        };
+        let report = app.fan_out(&sender, &rest, None, None).await.unwrap();
+        assert_eq!((report.created, report.existing), (0, 1));
+        assert_eq!(sender.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_untracked_fan_out_fails_when_it_cannot_hand_on_its_rest() {
+        let (app, a, _) = app_with_subscription(AppConfig::default()).await;
+        let (published, event) = app
+            .accept_event_to_fan_out(&a, &[], order("{}"), None)
+            .await
+            .unwrap();
+        let event = event.expect("new");
+        let job = FanOutJob {
+            tenant_id: a.clone(),
+            event_id: published.event_id.clone(),
+            recovery: false,
+            untracked: true,
+        };
+        let deadline = app.clock.now();
+        app.queue.2.store(true, std::sync::atomic::Ordering::SeqCst);
+        let sender = Counts::default();
+        // Nothing but the caller's own record (an SQS message) keeps this work: it must come back.
+        let result = app
+            .fan_out_event(&sender, &event, &job, None, Some(deadline))
+            .await;
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "{result:?}"
+        );
+        // An owed one has the sweep: the failed send is only logged.
+        let owed = FanOutJob {
+            untracked: false,
+            ..job
+        };
+        let report = app
+            .fan_out_event(&sender, &event, &owed, None, Some(deadline))
+            .await
+            .unwrap();
+        assert_eq!(report.left, 1);
     }
 
     #[tokio::test]

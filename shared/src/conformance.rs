@@ -16,7 +16,9 @@ use crate::domain::{
     ApiKeyRecord, Attempt, CallbackUrl, Delivery, Event, EventId, EventType, EventTypePattern,
     RetryPlan, Secret, Subscription, SubscriptionId, SubscriptionStatus, TenantId, Timestamp,
 };
-use crate::ports::{DueFanOut, InsertOutcome, NewEvent, Page, PageRequest, Store, StoreError};
+use crate::ports::{
+    DueFanOut, FanOutDuty, InsertOutcome, NewEvent, Page, PageRequest, Store, StoreError,
+};
 use crate::retry::AttemptClass;
 use crate::retry::RetrySchedule;
 
@@ -189,7 +191,10 @@ impl TestEvent {
         NewEvent {
             event: self.event.clone(),
             idempotency_key: self.idempotency_key.clone(),
-            fan_out_due_at: self.fan_out_due_at,
+            fan_out: match self.fan_out_due_at {
+                Some(due_at) => FanOutDuty::Owed { due_at },
+                None => FanOutDuty::Caller,
+            },
         }
     }
 }

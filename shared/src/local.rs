@@ -160,7 +160,7 @@ mod server {
     use tokio::task::JoinHandle;
 
     use super::{LocalQueue, spawn_sweeper, spawn_workers};
-    use crate::app::{App, AppConfig, AppError};
+    use crate::app::{App, AppConfig, AppError, FanOutTrigger};
     use crate::domain::TenantId;
     use crate::egress::EgressPolicy;
     use crate::ports::{StoreError, SystemClock};
@@ -314,6 +314,8 @@ mod server {
                 sweep_batch: 500,
                 // SQLite keeps everything: a paused subscription's deliveries wait as long as it.
                 hold_limit: None,
+                // No change stream here: the store keeps the fan-out owed.
+                fan_out_trigger: FanOutTrigger::Queue,
             };
             let (queue, jobs) = LocalQueue::new();
             let app = Arc::new(App::new(store, queue, SystemClock, app_config));

@@ -48,18 +48,41 @@ pub struct Page<T> {
     pub next: Option<String>,
 }
 
-/// An event to store. Its deliveries come later, from its fan-out: until
-/// [`Store::fanned_out`] says that is done, the event is due for fan-out at `fan_out_due_at`, so
-/// the sweep finds it should the process die before (the stored event is the durable record of
-/// the work it owes; a store that has a change stream may instead trigger fan-out from it).
+/// An event to store. Its deliveries come later, from its fan-out, and [`fan_out`](Self::fan_out)
+/// says what keeps that fan-out from being lost until it is done.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
     pub event: Event,
     /// The producer's `Idempotency-Key`; the event id itself is always unique per tenant too.
     pub idempotency_key: Option<String>,
-    /// When the sweep should fan the event out should its fan-out job never run. `None`: the
-    /// event owes no fan-out (tests, or an event with no subscription to reach).
-    pub fan_out_due_at: Option<Timestamp>,
+    pub fan_out: FanOutDuty,
+}
+
+/// What keeps an accepted event's fan-out from being lost should the process die first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FanOutDuty {
+    /// The store: the event owes its fan-out until [`Store::fanned_out`] says it is done, and is
+    /// due for the sweep's recovery at `due_at` (the stored event is the durable record of the
+    /// work). Where there is no change stream (locally, and on AWS with `TIDINGS_FAN_OUT=queue`).
+    Owed { due_at: Timestamp },
+    /// The store's change stream: a new event is handed to the fan-out by the stream, which
+    /// retries until it is handled (DynamoDB Streams and its event source mapping). The store
+    /// marks the event for the stream and keeps nothing owed. Only for a store with a stream.
+    Stream,
+    /// The caller, which fans the event out at once and keeps its own durable record meanwhile
+    /// (the SQS message the event came in, which returns should the caller die). The store keeps
+    /// nothing owed.
+    Caller,
+}
+
+impl FanOutDuty {
+    /// When the sweep should recover the fan-out, if the store keeps it owed.
+    pub fn due_at(self) -> Option<Timestamp> {
+        match self {
+            Self::Owed { due_at } => Some(due_at),
+            Self::Stream | Self::Caller => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,6 +247,12 @@ pub struct FanOutJob {
     /// looked up first and left alone, not sent again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub recovery: bool,
+    /// The store keeps no owed fan-out for this event ([`FanOutDuty::Stream`] or
+    /// [`FanOutDuty::Caller`]): the job is the work's only record, so the fan-out runs whatever
+    /// the store says, and a job it hands on must be sent or the fan-out fails. Otherwise a job
+    /// for an event the store no longer owes a fan-out is a duplicate and does nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub untracked: bool,
 }
 
 /// Work for a worker.

@@ -297,7 +297,7 @@ fn accepted_values_read_back_equal() {
     use tidings_core::domain::{
         CallbackUrl, Event, EventId, EventType, EventTypePattern, Secret, SubscriptionStatus,
     };
-    use tidings_core::ports::NewEvent;
+    use tidings_core::ports::{FanOutDuty, NewEvent};
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -389,7 +389,7 @@ fn accepted_values_read_back_equal() {
             let new = NewEvent {
                 event: event.clone(),
                 idempotency_key: key,
-                fan_out_due_at: None,
+                fan_out: FanOutDuty::Caller,
             };
             prop_assert_eq!(
                 store.insert_event(&new).await.unwrap(),

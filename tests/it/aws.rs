@@ -392,6 +392,7 @@ async fn a_fan_out_that_died_half_way_delivers_each_subscription_once() {
         tenant_id: tenant.clone(),
         event_id: published.event_id.clone(),
         recovery: false,
+        untracked: false,
     };
     let died = tokio::time::timeout(
         Duration::from_secs(2),

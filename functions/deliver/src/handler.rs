@@ -1,13 +1,86 @@
-//! SQS event in, `batchItemFailures` out; the work itself is `aws::process_messages`.
+//! SQS or DynamoDB stream event in, `batchItemFailures` out; the work itself is
+//! `aws::process_messages` (queue records) or `aws::process_stream_records` (new events).
 
 use std::time::{Duration, SystemTime};
 
+use aws_lambda_events::event::dynamodb::{Event as StreamEvent, EventRecord};
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
+use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
+use serde_json::Value;
 use tidings_core::app::App;
-use tidings_core::aws::{QueueMessage, process_messages};
+use tidings_core::aws::{NewEventRecord, QueueMessage, process_messages, process_stream_records};
 use tidings_core::domain::Timestamp;
 use tidings_core::ports::{Clock, DeliveryQueue, Store};
 use tidings_core::sender::HttpSender;
+
+/// Where a batch comes from: its records' `eventSource`.
+fn is_stream_event(payload: &Value) -> bool {
+    payload
+        .pointer("/Records/0/eventSource")
+        .and_then(Value::as_str)
+        == Some("aws:dynamodb")
+}
+
+/// Handles a batch from either trigger: the queues (SQS) or the table's stream (DynamoDB).
+/// `Err`: the payload is neither (the invocation fails, and the event source retries it).
+pub async fn handle_any<S: Store, Q: DeliveryQueue, C: Clock, H: HttpSender>(
+    app: &App<S, Q, C>,
+    sender: &H,
+    concurrency: usize,
+    deadline: Option<Timestamp>,
+    payload: Value,
+) -> Result<Value, serde_json::Error> {
+    if is_stream_event(&payload) {
+        let event: StreamEvent = serde_json::from_value(payload)?;
+        let response = handle_stream(app, sender, concurrency, deadline, event).await;
+        serde_json::to_value(response)
+    } else {
+        let event: SqsEvent = serde_json::from_value(payload)?;
+        let response = handle(app, sender, concurrency, deadline, event).await;
+        serde_json::to_value(response)
+    }
+}
+
+/// Handles a batch of new events from the table's stream. Never an error: a record that must
+/// come back is named by its sequence number (the mapping retries from the lowest one).
+pub async fn handle_stream<S: Store, Q: DeliveryQueue, C: Clock, H: HttpSender>(
+    app: &App<S, Q, C>,
+    sender: &H,
+    concurrency: usize,
+    deadline: Option<Timestamp>,
+    event: StreamEvent,
+) -> DynamoDbEventResponse {
+    let total = event.records.len();
+    let records = event.records.into_iter().map(new_event_record).collect();
+    let failed = process_stream_records(app, sender, records, concurrency, deadline).await;
+    if !failed.is_empty() {
+        tracing::warn!(
+            failed = failed.len(),
+            total,
+            "stream records returned to the event source mapping"
+        );
+    }
+    let mut response = DynamoDbEventResponse::default();
+    response.batch_item_failures = failed
+        .into_iter()
+        .map(|sequence_number| {
+            let mut failure = DynamoDbBatchItemFailure::default();
+            failure.item_identifier = Some(sequence_number);
+            failure
+        })
+        .collect();
+    response
+}
+
+/// A stream record's sequence number and new image. A record without a sequence number (the
+/// stream always sends one) gets an empty one: reported as failed, it makes the mapping retry the
+/// whole batch.
+pub fn new_event_record(record: EventRecord) -> NewEventRecord {
+    NewEventRecord {
+        sequence_number: record.change.sequence_number.unwrap_or_default(),
+        new_image: record.change.new_image,
+    }
+}
 
 /// Handles a batch. Never an error: a record that must come back is listed in the response.
 /// `deadline`: when the invocation ends; fan-outs start no attempt they could not finish by then.
@@ -98,6 +171,39 @@ mod tests {
         assert_eq!(m.attributes.len(), 1, "binary attributes are dropped");
         assert_eq!(m.attributes["tenant"], "acme");
         assert_eq!(m.sent_at_ms, 1_545_082_649_183);
+    }
+
+    #[test]
+    fn stream_records_map_to_new_event_records() {
+        let payload = serde_json::json!({
+            "Records": [{
+                "eventID": "c4ca4238a0b923820dcc509a6f75849b",
+                "eventName": "INSERT",
+                "eventVersion": "1.1",
+                "eventSource": "aws:dynamodb",
+                "awsRegion": "us-east-1",
+                "dynamodb": {
+                    "ApproximateCreationDateTime": 1_764_000_000,
+                    "Keys": {"pk": {"S": "T#acme#EVT#evt_1"}},
+                    "NewImage": {"pk": {"S": "T#acme#EVT#evt_1"}, "fan_out": {"S": "stream"}, "expires_at": {"N": "1766592000"}},
+                    "SequenceNumber": "4421584500000000017450439091",
+                    "SizeBytes": 26,
+                    "StreamViewType": "NEW_IMAGE"
+                },
+                "eventSourceARN": "arn:aws:dynamodb:us-east-1:123456789012:table/tidings/stream/2026-11-29T00:00:00.000"
+            }]
+        });
+        assert!(is_stream_event(&payload));
+        let event: StreamEvent = serde_json::from_value(payload).unwrap();
+        let record = new_event_record(event.records.into_iter().next().unwrap());
+        assert_eq!(record.sequence_number, "4421584500000000017450439091");
+        assert_eq!(
+            serde_json::to_value(&record.new_image).unwrap()["fan_out"],
+            serde_json::json!({"S": "stream"})
+        );
+        let sqs = serde_json::json!({"Records": [{"messageId": "m", "eventSource": "aws:sqs"}]});
+        assert!(!is_stream_event(&sqs));
+        assert!(!is_stream_event(&serde_json::json!({"Records": []})));
     }
 
     #[test]

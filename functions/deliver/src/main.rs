@@ -1,5 +1,6 @@
 //! `tidings-deliver`: handles the records of the deliveries and events queues (see
-//! `tidings_core::aws::messages`) and reports the ones that must come back.
+//! `tidings_core::aws::messages`) and the new events on the table's stream (see
+//! `tidings_core::aws::stream`), and reports the ones that must come back.
 
 // The whole use case (store, queue, HTTP) is one future type under `main`; in release builds its
 // layout needs more than rustc's default query depth of 128.
@@ -19,15 +20,19 @@ async fn main() -> Result<(), Error> {
     let settings = settings_from_env()?;
     let (app, sender) = (&build_app(&settings).await, &build_sender(&settings)?);
     let (concurrency, timeout) = (settings.deliver_concurrency, settings.deliver_timeout);
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<_>| async move {
-        let deadline = event.context.deadline();
-        handler::check_deadline(deadline, SystemTime::now(), timeout);
-        let deadline = deadline
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .ok()
-            .and_then(|d| i64::try_from(d.as_millis()).ok())
-            .map(Timestamp::from_unix_millis);
-        Ok::<_, Error>(handler::handle(app, sender, concurrency, deadline, event.payload).await)
-    }))
+    lambda_runtime::run(service_fn(
+        move |event: LambdaEvent<serde_json::Value>| async move {
+            let deadline = event.context.deadline();
+            handler::check_deadline(deadline, SystemTime::now(), timeout);
+            let deadline = deadline
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .ok()
+                .and_then(|d| i64::try_from(d.as_millis()).ok())
+                .map(Timestamp::from_unix_millis);
+            let response =
+                handler::handle_any(app, sender, concurrency, deadline, event.payload).await?;
+            Ok::<_, Error>(response)
+        },
+    ))
     .await
 }

@@ -103,8 +103,8 @@ use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, CancellationReason, GlobalSecondaryIndex,
     KeySchemaElement, KeyType, KeysAndAttributes, Projection, ProjectionType, Put,
-    ReturnValuesOnConditionCheckFailure, ScalarAttributeType, StreamSpecification,
-    StreamViewType, TimeToLiveSpecification, TimeToLiveStatus, TransactWriteItem,
+    ReturnValuesOnConditionCheckFailure, ScalarAttributeType, StreamSpecification, StreamViewType,
+    TimeToLiveSpecification, TimeToLiveStatus, TransactWriteItem,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -116,8 +116,8 @@ use crate::domain::{
     TenantId, Timestamp,
 };
 use crate::ports::{
-    DueDelivery, DueFanOut, InsertOutcome, NewEvent, Page, PageRequest, Store, StoreError,
-    StoreResult,
+    DueDelivery, DueFanOut, FanOutDuty, InsertOutcome, NewEvent, Page, PageRequest, Store,
+    StoreError, StoreResult,
 };
 
 /// The table's partition key.
@@ -351,11 +351,12 @@ impl DynamoStore {
 
     fn event_item(&self, new: &NewEvent) -> StoreResult<Item> {
         let event = &new.event;
-        let due_at = new.fan_out_due_at.map(Timestamp::unix_millis);
+        let due_at = new.fan_out.due_at().map(Timestamp::unix_millis);
         to_item(&EventItem {
             pk: event_pk(&event.tenant_id, &event.id),
             due_shard: due_at.map(|_| fan_out_shard(&event.id)),
             due_at,
+            fan_out: (new.fan_out == FanOutDuty::Stream).then_some(FAN_OUT_BY_STREAM),
             expires_at: self.expires_at(event.received_at),
             event: StoredEvent::from(event),
         })
@@ -774,6 +775,17 @@ fn parse_event_pk(pk: &str) -> StoreResult<(TenantId, EventId)> {
     ))
 }
 
+/// The event of an item on the table's change stream (a record's `NewImage`, in DynamoDB's JSON
+/// as Lambda hands it over). `Ok(None)`: the item is not an event.
+pub fn event_from_stream_image(image: serde_dynamo::Item) -> StoreResult<Option<Event>> {
+    #[derive(Deserialize)]
+    struct Image {
+        event: Option<StoredEvent>,
+    }
+    let image: Image = serde_dynamo::from_item(image).map_err(StoreError::unavailable)?;
+    image.event.map(Event::try_from).transpose()
+}
+
 // ---- items ----
 
 #[derive(Serialize)]
@@ -798,6 +810,10 @@ struct EventItem {
     due_shard: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     due_at: Option<i64>,
+    // `FAN_OUT_BY_STREAM` when the table's stream starts the fan-out: the stream's event source
+    // mapping lets only such items through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fan_out: Option<&'static str>,
     expires_at: i64,
     event: StoredEvent,
 }
@@ -1504,13 +1520,46 @@ mod tests {
     }
 
     #[test]
+    fn an_event_the_stream_fans_out_is_marked_for_its_filter_and_read_back_from_its_image() {
+        let store = store();
+        let e = event(&tenant("a"), ts(0), r#"{"b": 1}"#);
+        let new = NewEvent {
+            event: e.clone(),
+            idempotency_key: None,
+            fan_out: FanOutDuty::Stream,
+        };
+        let item = store.event_item(&new).unwrap();
+        assert_eq!(
+            item[FAN_OUT_ATTRIBUTE],
+            AttributeValue::S(FAN_OUT_BY_STREAM.into())
+        );
+        assert!(!item.contains_key(DUE_AT), "nothing owed");
+        // As Lambda hands the new image over: DynamoDB JSON.
+        let json = serde_json::to_value(serde_dynamo::Item::from(item)).unwrap();
+        assert_eq!(json["fan_out"], serde_json::json!({"S": "stream"}));
+        let image: serde_dynamo::Item = serde_json::from_value(json).unwrap();
+        assert_eq!(event_from_stream_image(image).unwrap(), Some(e));
+
+        let caller = NewEvent {
+            fan_out: FanOutDuty::Caller,
+            ..new
+        };
+        let item = store.event_item(&caller).unwrap();
+        assert!(!item.contains_key(FAN_OUT_ATTRIBUTE) && !item.contains_key(DUE_AT));
+        let mut api_key = Item::new();
+        api_key.insert(PK.into(), AttributeValue::S("KEY#abc".into()));
+        let not_an_event = serde_dynamo::Item::from(api_key);
+        assert_eq!(event_from_stream_image(not_an_event).unwrap(), None);
+    }
+
+    #[test]
     fn event_data_is_a_string_attribute_kept_byte_for_byte() {
         let store = store().with_retention(Duration::from_secs(10));
         let e = event(&tenant("a"), ts(0), "{ \"b\":1,\n\"a\" : [1.50e+2] }");
         let new = NewEvent {
             event: e.clone(),
             idempotency_key: None,
-            fan_out_due_at: None,
+            fan_out: FanOutDuty::Caller,
         };
         let item = store.event_item(&new).unwrap();
         assert!(!item.contains_key(DUE_AT), "owes no fan-out");

@@ -269,7 +269,7 @@ where
         }
         Message::FanOut(job) => {
             let subs = subscriptions.get(&job.tenant_id).map(Vec::as_slice);
-            let report = fan_out_or_leave_it_owed(app, sender, &job, subs, deadline).await;
+            let report = fan_out_or_leave_it_owed(app, sender, &job, subs, deadline).await?;
             Ok((Handled::FannedOut(report), Vec::new()))
         }
         Message::Publish {
@@ -277,53 +277,57 @@ where
             request,
             idempotency_key,
         } => {
-            let subs = subscriptions.get(&tenant);
-            let accepted = match subs {
-                Some(subs) => {
-                    app.accept_event_with(&tenant, subs, request, idempotency_key)
+            let read;
+            let subs = match subscriptions.get(&tenant) {
+                Some(subs) => subs.as_slice(),
+                None => {
+                    read = app
+                        .store
+                        .tenant_subscriptions(&tenant)
+                        .await
+                        .map_err(RecordError::Store)?;
+                    read.as_slice()
+                }
+            };
+            let (published, event) = app
+                .accept_event_to_fan_out(&tenant, subs, request, idempotency_key)
+                .await?;
+            // Fanned out here and now, while SQS holds the message: no trip through the
+            // deliveries queue for a first attempt, and nothing for the store to keep owed.
+            // Should this fail or die half-way, the message comes back, finds its event stored,
+            // and runs a recovery of it, which leaves the deliveries made alone. (A repeated
+            // event id or idempotency key runs that recovery too: whether an earlier receive
+            // finished cannot be told, and it costs a read per subscription.)
+            let job = FanOutJob {
+                tenant_id: tenant,
+                event_id: published.event_id.clone(),
+                recovery: event.is_none(),
+                untracked: true,
+            };
+            let report = match &event {
+                Some(event) => {
+                    app.fan_out_event(sender, event, &job, Some(subs), deadline)
                         .await?
                 }
-                None => app.accept_event(&tenant, request, idempotency_key).await?,
+                None => app.fan_out(sender, &job, Some(subs), deadline).await?,
             };
-            // Fanned out here and now, while SQS holds the message (should this die first, the
-            // event's fan-out is overdue and the sweep sends it): no trip through the deliveries
-            // queue for a first attempt. A fan-out with a delay (the schedule's first entry)
-            // goes there.
-            let mut report = None;
-            let mut jobs = Vec::new();
-            for (job, delay) in accepted.jobs {
-                match job {
-                    Job::FanOut(fan_out) if delay.is_zero() => {
-                        report = Some(
-                            fan_out_or_leave_it_owed(
-                                app,
-                                sender,
-                                &fan_out,
-                                subs.map(Vec::as_slice),
-                                deadline,
-                            )
-                            .await,
-                        );
-                    }
-                    other => jobs.push((other, delay)),
-                }
-            }
-            Ok((Handled::Published(accepted.published, report), jobs))
+            Ok((Handled::Published(published, Some(report)), Vec::new()))
         }
     }
 }
 
 /// Fans an event out. A failure (the store, half-way) is logged, not returned: the message is
 /// done with all the same, since the event still owes its fan-out and the sweep sends a recovery
-/// for it, which leaves the deliveries made alone. (Sending the message back instead would run
-/// this fan-out again from the start, sending to every subscription once more.)
+/// for it, which leaves the deliveries made alone (sending the message back instead would run
+/// this fan-out again from the start, sending to every subscription once more). A fan-out the
+/// store does not keep owed has no such net: its failure sends the message back.
 async fn fan_out_or_leave_it_owed<S, Q, C, H>(
     app: &App<S, Q, C>,
     sender: &H,
     job: &FanOutJob,
     subscriptions: Option<&[Subscription]>,
     deadline: Option<Timestamp>,
-) -> FanOutReport
+) -> Result<FanOutReport, StoreError>
 where
     S: Store,
     Q: DeliveryQueue,
@@ -331,10 +335,11 @@ where
     H: HttpSender,
 {
     match app.fan_out(sender, job, subscriptions, deadline).await {
-        Ok(report) => report,
+        Ok(report) => Ok(report),
+        Err(e) if job.untracked => Err(e),
         Err(e) => {
             tracing::warn!(error = %e, event = %job.event_id, "fan-out failed; the sweep recovers it once overdue");
-            FanOutReport::default()
+            Ok(FanOutReport::default())
         }
     }
 }
@@ -949,24 +954,45 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_fan_out_that_fails_half_way_is_left_owed_for_the_sweep_not_sent_back() {
+    async fn a_fan_out_that_fails_half_way_comes_back_and_its_next_receive_recovers_it() {
         let app = app_with_subscription().await;
         let receiver = OkReceiver::default();
+        let message = event_message("e", ORDER, &[("tenant", "acme")]);
         app.store.mem().inserts_fail = true;
-        let failed = process_messages(
-            &app,
-            &receiver,
-            vec![event_message("e", ORDER, &[("tenant", "acme")])],
-            1,
-            None,
-        )
-        .await;
-        // Sending it back would fan it out again from the start, to every subscription.
+        let failed = process_messages(&app, &receiver, vec![message.clone()], 1, None).await;
+        // The message is the fan-out's only record: it must come back.
+        assert_eq!(failed, ["e"]);
+        {
+            let mem = app.store.mem();
+            assert_eq!(mem.events.len(), 1, "the event is stored");
+            assert!(mem.deliveries.is_empty());
+            assert!(
+                mem.fanned_out.is_empty(),
+                "nothing is marked: the store keeps no owed fan-out for it"
+            );
+        }
+
+        // SQS hands it over again: same message, same event; a recovery makes the delivery.
+        app.store.mem().inserts_fail = false;
+        let failed = process_messages(&app, &receiver, vec![message.clone()], 1, None).await;
         assert!(failed.is_empty(), "{failed:?}");
-        let mem = app.store.mem();
-        assert_eq!(mem.events.len(), 1, "the event is stored");
-        assert!(mem.fanned_out.is_empty(), "and still owes its fan-out");
-        assert!(mem.deliveries.is_empty());
+        assert_eq!(app.store.mem().events.len(), 1, "published once");
+        assert_eq!(app.store.mem().deliveries.len(), 1);
+        let sent = receiver.0.lock().unwrap().clone();
+        assert_eq!(
+            sent.len(),
+            2,
+            "the first try's POST went out before its write failed"
+        );
+        assert_eq!(
+            sent[0].headers, sent[1].headers,
+            "sent again under the same webhook-id"
+        );
+
+        // A third receive (SQS is at least once) leaves the delivery made alone.
+        let failed = process_messages(&app, &receiver, vec![message], 1, None).await;
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(receiver.0.lock().unwrap().len(), 2, "nothing sent again");
     }
 
     fn early_delivery(app: &TestApp, due_in: Duration) -> DeliveryJob {

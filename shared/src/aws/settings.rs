@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::app::AppConfig;
+use crate::app::{AppConfig, FanOutTrigger};
 use crate::egress::{EgressPolicy, parse_cidr_list};
 use crate::ports::BoxError;
 use crate::retry::{self, RetrySchedule};
@@ -24,6 +24,7 @@ use crate::sender::SenderConfig;
 /// | `TIDINGS_DELIVER_CONCURRENCY` | no | `16` | queue records the `deliver` function handles at once (≥ 1) |
 /// | `TIDINGS_RETENTION` | no | `30d` | how long DynamoDB keeps events, deliveries and idempotency keys (TTL) |
 /// | `TIDINGS_API_KEY_CACHE` | no | `30s` | how long a function remembers an API key it looked up (`0s`: never); a revoked key works this long in a warm function |
+/// | `TIDINGS_FAN_OUT` | no | `queue` | what starts the fan-out of an event published through the API: `stream` (the table's DynamoDB stream triggers `deliver`; the template's choice) or `queue` (a fan-out job on the deliveries queue, the event kept owed in the table until it is done; for a table without a stream) |
 ///
 /// An empty value counts as unset. Values that do not fit together are refused at start
 /// ([`ConfigError::Inconsistent`]):
@@ -50,6 +51,7 @@ pub struct AwsSettings {
     pub deliver_concurrency: usize,
     pub retention: Duration,
     pub api_key_cache: Duration,
+    pub fan_out: FanOutTrigger,
 }
 
 pub const TABLE_VAR: &str = "TIDINGS_TABLE";
@@ -62,6 +64,7 @@ pub const SWEEP_GRACE_VAR: &str = "TIDINGS_SWEEP_GRACE";
 pub const DELIVER_CONCURRENCY_VAR: &str = "TIDINGS_DELIVER_CONCURRENCY";
 pub const RETENTION_VAR: &str = "TIDINGS_RETENTION";
 pub const API_KEY_CACHE_VAR: &str = "TIDINGS_API_KEY_CACHE";
+pub const FAN_OUT_VAR: &str = "TIDINGS_FAN_OUT";
 
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// The template's `DeliverTimeout` default.
@@ -180,6 +183,16 @@ impl AwsSettings {
                 Err(e) => return Err(ConfigError::invalid(DELIVER_CONCURRENCY_VAR, e)),
             },
         };
+        let fan_out = match get(FAN_OUT_VAR).as_deref().map(str::trim) {
+            None | Some("queue") => FanOutTrigger::Queue,
+            Some("stream") => FanOutTrigger::StoreStream,
+            Some(other) => {
+                return Err(ConfigError::invalid(
+                    FAN_OUT_VAR,
+                    format!("must be `stream` or `queue`, not `{other}`"),
+                ));
+            }
+        };
         let settings = Self {
             table: required(TABLE_VAR)?,
             deliveries_queue_url: required(DELIVERIES_QUEUE_URL_VAR)?,
@@ -191,6 +204,7 @@ impl AwsSettings {
             deliver_concurrency,
             retention: duration(RETENTION_VAR, DEFAULT_RETENTION)?,
             api_key_cache,
+            fan_out,
         };
         settings.check_invocation_fits()?;
         settings.check_retention_covers_retries()?;
@@ -281,6 +295,7 @@ impl AwsSettings {
                 self.retention
                     .saturating_sub(Duration::from_secs(24 * 3600)),
             ),
+            fan_out_trigger: self.fan_out,
             ..AppConfig::default()
         }
     }

@@ -236,6 +236,7 @@ mod tests {
             tenant_id: TenantId::parse("acme").unwrap(),
             event_id: EventId::parse("order-1").unwrap(),
             recovery: true,
+            untracked: false,
         };
         let e = entry(0, &j.clone().into(), Duration::ZERO).unwrap();
         let body: serde_json::Value = serde_json::from_str(e.message_body()).unwrap();

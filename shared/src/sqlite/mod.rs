@@ -612,7 +612,7 @@ impl Store for SqliteStore {
         let event_id = new.event.id.clone();
         let key = new.idempotency_key.clone();
         let event_body = encode(&new.event)?;
-        let due = millis(new.fan_out_due_at);
+        let due = millis(new.fan_out.due_at());
         self.write(move |conn| {
             insert_event(conn, &tenant, event_id, key.as_deref(), &event_body, due)
         })

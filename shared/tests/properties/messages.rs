@@ -35,13 +35,18 @@ fn delivery_job() -> impl Strategy<Value = DeliveryJob> {
 }
 
 fn fan_out_job() -> impl Strategy<Value = FanOutJob> {
-    ("[a-z0-9_-]{1,64}", "[A-Za-z0-9._:-]{1,128}", any::<bool>()).prop_map(
-        |(tenant, event, recovery)| FanOutJob {
+    (
+        "[a-z0-9_-]{1,64}",
+        "[A-Za-z0-9._:-]{1,128}",
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(tenant, event, recovery, untracked)| FanOutJob {
             tenant_id: TenantId::parse(&tenant).unwrap(),
             event_id: EventId::parse(&event).unwrap(),
             recovery,
-        },
-    )
+            untracked,
+        })
 }
 
 /// Bodies of every kind, valid and not.

@@ -12,7 +12,7 @@ use tidings_core::domain::{
     CallbackUrl, Delivery, Event, EventId, EventType, EventTypePattern, Secret, Subscription,
     SubscriptionId, SubscriptionStatus, TenantId, Timestamp,
 };
-use tidings_core::ports::{InsertOutcome, NewEvent, PageRequest, Store, StoreError};
+use tidings_core::ports::{FanOutDuty, InsertOutcome, NewEvent, PageRequest, Store, StoreError};
 use tidings_core::sqlite::SqliteStore;
 use tokio::runtime::Runtime;
 
@@ -215,7 +215,9 @@ fn accepted_events_read_back_equal() {
             let new = NewEvent {
                 event: e.clone(),
                 idempotency_key: key.clone(),
-                fan_out_due_at: Some(e.received_at),
+                fan_out: FanOutDuty::Owed {
+                    due_at: e.received_at,
+                },
             };
             prop_assert_eq!(
                 store.insert_event(&new).await.unwrap(),

@@ -1,0 +1,117 @@
+//! New events from the table's change stream, as a use case: what the `deliver` function does
+//! with a batch of DynamoDB stream records (the handler only maps the Lambda event to
+//! [`NewEventRecord`]s and the returned sequence numbers to `batchItemFailures`).
+//!
+//! An event published through the API with `TIDINGS_FAN_OUT=stream` is written with
+//! [`FAN_OUT_ATTRIBUTE`](super::dynamo::FAN_OUT_ATTRIBUTE) set, and the stream's event source
+//! mapping lets only such new items through. The stream is the durable record of the work: the
+//! mapping hands the record over again until it is reported done, then gives it to the on-failure
+//! destination (a DLQ) after its last retry. So a record is reported done only once its fan-out
+//! finished, or was handed on to the deliveries queue as a recovery job.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use tracing::Instrument as _;
+
+use crate::app::App;
+use crate::concurrency::join_bounded;
+use crate::domain::{Subscription, TenantId, Timestamp};
+use crate::ports::{Clock, DeliveryQueue, FanOutJob, Store};
+use crate::sender::HttpSender;
+
+use super::dynamo::event_from_stream_image;
+
+/// One stream record, as the event source mapping delivers it.
+#[derive(Debug, Clone)]
+pub struct NewEventRecord {
+    /// The record's `SequenceNumber`: what `batchItemFailures` names.
+    pub sequence_number: String,
+    /// The item as written (`NEW_IMAGE` view).
+    pub new_image: serde_dynamo::Item,
+}
+
+/// Fans out the event of every record, at most `concurrency` at a time; returns the sequence
+/// numbers of the records that must come back (the mapping retries from the lowest one). A fan-out
+/// that fails is handed to the deliveries queue as a recovery job (which leaves the deliveries it
+/// made alone) rather than reported, so that the records after it are not handed over again; only
+/// when that send fails too does the record come back.
+pub async fn process_stream_records<S, Q, C, H>(
+    app: &App<S, Q, C>,
+    sender: &H,
+    records: Vec<NewEventRecord>,
+    concurrency: usize,
+    deadline: Option<Timestamp>,
+) -> Vec<String>
+where
+    S: Store,
+    Q: DeliveryQueue,
+    C: Clock,
+    H: HttpSender,
+{
+    let decoded: Vec<_> = records
+        .into_iter()
+        .map(|r| (event_from_stream_image(r.new_image), r.sequence_number))
+        .collect();
+    // The tenants' subscriptions, read once for the batch.
+    let tenants: BTreeSet<TenantId> = decoded
+        .iter()
+        .filter_map(|(e, _)| e.as_ref().ok()?.as_ref().map(|e| e.tenant_id.clone()))
+        .collect();
+    let mut subscriptions: HashMap<TenantId, Vec<Subscription>> = HashMap::new();
+    for tenant in tenants {
+        match app.store.tenant_subscriptions(&tenant).await {
+            Ok(found) => {
+                subscriptions.insert(tenant, found);
+            }
+            Err(e) => tracing::warn!(error = %e, %tenant, "could not read the subscriptions"),
+        }
+    }
+    let subscriptions = &subscriptions;
+    let fan_outs = decoded.into_iter().map(|(event, sequence_number)| {
+        let span = tracing::info_span!("stream record", sequence = %sequence_number);
+        async move {
+            let event = match event {
+                Ok(Some(event)) => event,
+                Ok(None) => {
+                    tracing::warn!("stream record of an item that is not an event: skipped (check the event source mapping's filter)");
+                    return None;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "stream record without a readable event; it comes back, and goes to the on-failure destination after the last retry");
+                    return Some(sequence_number);
+                }
+            };
+            let job = FanOutJob {
+                tenant_id: event.tenant_id.clone(),
+                event_id: event.id.clone(),
+                recovery: false,
+                untracked: true,
+            };
+            let subs = subscriptions.get(&event.tenant_id).map(Vec::as_slice);
+            let Err(e) = app.fan_out_event(sender, &event, &job, subs, deadline).await else {
+                return None;
+            };
+            let recovery = FanOutJob {
+                recovery: true,
+                ..job
+            };
+            match app.queue.enqueue(vec![(recovery.into(), Duration::ZERO)]).await {
+                Ok(()) => {
+                    tracing::warn!(error = %e, "fan-out failed; handed on to the deliveries queue as a recovery");
+                    None
+                }
+                Err(queue) => {
+                    tracing::warn!(error = %e, %queue, "fan-out failed and could not be handed on; the record comes back");
+                    Some(sequence_number)
+                }
+            }
+        }
+        .instrument(span)
+    });
+    join_bounded(fan_outs, concurrency)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
