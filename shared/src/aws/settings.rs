@@ -549,9 +549,22 @@ mod tests {
                 "VisibilityTimeout {v} < 6 x {longest}"
             );
         }
-        for b in values("BatchSize") {
-            assert!(number(&b) as usize <= MAX_BATCH_RECORDS, "BatchSize {b}");
+        // The queues' batches must fit one invocation's attempts; the stream's (a parameter) need
+        // not: a fan-out starts no attempt it could not finish and hands the rest on.
+        let batch_sizes = values("BatchSize");
+        assert_eq!(batch_sizes.len(), 3, "two queues and the stream");
+        for b in batch_sizes.iter().filter(|b| !b.starts_with('!')) {
+            assert!(number(b) as usize <= MAX_BATCH_RECORDS, "BatchSize {b}");
         }
+        assert!(batch_sizes.contains(&"!Ref StreamBatchSize".to_owned()));
+        // The stream starts the fan-out, and its mapping passes exactly the items marked for it.
+        assert_eq!(values(FAN_OUT_VAR), ["stream"]);
+        let filter = format!(
+            r#"'{{"eventName":["INSERT"],"dynamodb":{{"NewImage":{{"{}":{{"S":["{}"]}}}}}}}}'"#,
+            crate::aws::dynamo::FAN_OUT_ATTRIBUTE,
+            crate::aws::dynamo::FAN_OUT_BY_STREAM
+        );
+        assert_eq!(values("- Pattern"), [filter]);
 
         let request = values(REQUEST_TIMEOUT_VAR);
         let concurrency = values(DELIVER_CONCURRENCY_VAR);
