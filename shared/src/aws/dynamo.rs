@@ -168,16 +168,39 @@ type Item = HashMap<String, AttributeValue>;
 /// The shared AWS configuration: the standard chain (`AWS_REGION`, credentials,
 /// `AWS_ENDPOINT_URL*`) over an HTTPS client using rustls with the ring provider.
 pub async fn load_sdk_config() -> aws_config::SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .http_client(sdk_http_client())
+        .timeout_config(sdk_timeouts())
+        .load()
+        .await
+}
+
+/// How long one try of a DynamoDB or SQS call may take (they answer in milliseconds; a try that
+/// stalls on a dead connection is cut off and retried on a new one).
+pub const SDK_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a call may take with its retries: one stalled call cannot use up an invocation
+/// (`api` has 10 s, `deliver` at least 20 s).
+pub const SDK_OPERATION_TIMEOUT: Duration = Duration::from_secs(8);
+/// Connecting to the service's endpoint.
+pub const SDK_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The SDK's HTTP client: rustls with ring.
+fn sdk_http_client() -> aws_sdk_dynamodb::config::SharedHttpClient {
     use aws_smithy_http_client::tls;
-    let http_client = aws_smithy_http_client::Builder::new()
+    aws_smithy_http_client::Builder::new()
         .tls_provider(tls::Provider::Rustls(
             tls::rustls_provider::CryptoMode::Ring,
         ))
-        .build_https();
-    aws_config::defaults(BehaviorVersion::latest())
-        .http_client(http_client)
-        .load()
-        .await
+        .build_https()
+}
+
+/// The timeouts of every SDK call the functions make.
+pub fn sdk_timeouts() -> aws_config::timeout::TimeoutConfig {
+    aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(SDK_CONNECT_TIMEOUT)
+        .operation_attempt_timeout(SDK_ATTEMPT_TIMEOUT)
+        .operation_timeout(SDK_OPERATION_TIMEOUT)
+        .build()
 }
 
 /// A [`Store`] over one DynamoDB table (layout in the module docs).
@@ -1451,6 +1474,41 @@ mod tests {
             .behavior_version(BehaviorVersion::latest())
             .build();
         DynamoStore::new(Client::from_conf(config), "t")
+    }
+
+    /// A call to an endpoint that accepts the connection and never answers (a stalled
+    /// connection, the worst an unhealthy network does) fails once the operation timeout is up.
+    #[tokio::test]
+    async fn a_stalled_call_fails_within_the_operation_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket); // read nothing, answer nothing
+            }
+        });
+        let sdk = aws_config::defaults(BehaviorVersion::latest())
+            .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+                "test", "test", None, None, "test",
+            ))
+            .endpoint_url(endpoint)
+            .http_client(sdk_http_client())
+            .timeout_config(sdk_timeouts())
+            .load()
+            .await;
+        let config = aws_sdk_dynamodb::Config::from(&sdk);
+        let store = DynamoStore::new(Client::from_conf(config), "t");
+        let started = Instant::now();
+        let read = store.get_event(&tenant("a"), &EventId::generate()).await;
+        let took = started.elapsed();
+        held.abort();
+        assert!(matches!(read, Err(StoreError::Unavailable(_))), "{read:?}");
+        assert!(
+            took >= SDK_ATTEMPT_TIMEOUT && took < SDK_OPERATION_TIMEOUT + Duration::from_secs(2),
+            "took {took:?}"
+        );
     }
 
     #[test]
