@@ -51,6 +51,7 @@ fn template() -> (NewEvent, Delivery) {
     let delivery = Delivery::new(
         tenant,
         event.id.clone(),
+        now,
         SubscriptionId::generate(),
         now,
         Duration::ZERO,
@@ -72,6 +73,7 @@ fn fresh(template: &(NewEvent, Delivery)) -> (NewEvent, Delivery) {
     let d = Delivery::new(
         d.tenant_id().clone(),
         new.event.id.clone(),
+        d.created_at(),
         d.subscription_id().clone(),
         d.created_at(),
         Duration::ZERO,

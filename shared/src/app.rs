@@ -1033,7 +1033,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             return Ok(FirstAttempt::NoTimeLeft);
         }
         if recovery {
-            let id = DeliveryId::derive(tenant, &event.id, &subscription.id);
+            let id = DeliveryId::derive(tenant, &event.id, &subscription.id, event.received_at);
             if self.store.get_delivery(tenant, &id).await?.is_some() {
                 return Ok(FirstAttempt::Existing);
             }
@@ -1042,6 +1042,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         let new = Delivery::new(
             tenant.clone(),
             event.id.clone(),
+            event.received_at,
             subscription.id.clone(),
             now,
             Duration::ZERO,
@@ -1813,7 +1814,7 @@ mod tests {
                 .await
                 .unwrap()
             {
-                let id = DeliveryId::derive(&job.tenant_id, &event.id, &s.id);
+                let id = DeliveryId::derive(&job.tenant_id, &event.id, &s.id, event.received_at);
                 if s.wants(&event.event_type)
                     && app
                         .store
@@ -2186,6 +2187,7 @@ mod tests {
             &Delivery::new(
                 a.clone(),
                 published.event_id.clone(),
+                ts(0),
                 sub.id.clone(),
                 ts(0),
                 Duration::ZERO,
@@ -2319,7 +2321,7 @@ mod tests {
             .unwrap();
         assert_eq!((report.created, report.delivered), (1, 1));
         assert_eq!(sender.0.load(std::sync::atomic::Ordering::SeqCst), 1);
-        let id = DeliveryId::derive(&a, &event.id, &sub.id);
+        let id = DeliveryId::derive(&a, &event.id, &sub.id, event.received_at);
         assert!(app.store.get_delivery(&a, &id).await.unwrap().is_some());
 
         // A job handed on for it (a worker short of time) runs though the store owes nothing,
@@ -2381,6 +2383,7 @@ mod tests {
             &Delivery::new(
                 a.clone(),
                 published.event_id.clone(),
+                ts(0),
                 sub.id.clone(),
                 ts(0),
                 Duration::ZERO,
@@ -2409,7 +2412,12 @@ mod tests {
             1,
             "only the missing one is sent"
         );
-        let other = DeliveryId::derive(&a, &published.event_id, &second.id);
+        let received = app
+            .get_event(&a, &published.event_id)
+            .await
+            .unwrap()
+            .received_at;
+        let other = DeliveryId::derive(&a, &published.event_id, &second.id, received);
         assert_eq!(
             app.get_delivery(&a, &other).await.unwrap().status(),
             DeliveryStatus::Succeeded

@@ -13,8 +13,8 @@ use std::time::Duration;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::{AttributeValue, BillingMode, ProjectionType, TimeToLiveStatus};
 use tidings_core::aws::dynamo::{
-    DUE_AT, DUE_INDEX, DUE_SHARD, DUE_SHARDS, DynamoStore, LIST_INDEX, PK, TTL_ATTRIBUTE,
-    load_sdk_config,
+    DUE_AT, DUE_INDEX, DUE_SHARD, DUE_SHARDS, DynamoStore, LIST_INDEX, PK, SINGLE_SK, SK,
+    TTL_ATTRIBUTE, load_sdk_config,
 };
 use tidings_core::conformance::{new_event, subscription, tenant, ts};
 use tidings_core::domain::{Subscription, TenantId, Timestamp};
@@ -120,7 +120,7 @@ async fn create_table_is_idempotent_and_sets_ttl_and_indexes() {
         Some(&BillingMode::PayPerRequest)
     );
     let key: Vec<_> = t.key_schema().iter().map(|k| k.attribute_name()).collect();
-    assert_eq!(key, vec![PK]);
+    assert_eq!(key, vec![PK, SK]);
     let mut indexes: Vec<_> = t
         .global_secondary_indexes()
         .iter()
@@ -152,6 +152,7 @@ async fn create_table_is_idempotent_and_sets_ttl_and_indexes() {
         .get_item()
         .table_name(&table)
         .key(PK, AttributeValue::S(format!("T#a#EVT#{}", new.event.id)))
+        .key(SK, AttributeValue::S(SINGLE_SK.into()))
         .send()
         .await
         .unwrap()
@@ -277,6 +278,7 @@ async fn a_found_api_key_is_remembered_for_the_cache_time_and_an_unknown_one_nev
         .delete_item()
         .table_name(&table)
         .key(PK, AttributeValue::S("KEY#h1".into()))
+        .key(SK, AttributeValue::S(SINGLE_SK.into()))
         .send()
         .await
         .unwrap();

@@ -206,6 +206,7 @@ async fn api_subscribe_and_publish_deliver_a_signed_webhook() {
             "pk",
             aws_sdk_dynamodb::types::AttributeValue::S(format!("T#t1#EVT#{event_id}")),
         )
+        .key("sk", aws_sdk_dynamodb::types::AttributeValue::S("-".into()))
         .send()
         .await
         .unwrap()
@@ -401,13 +402,19 @@ async fn a_fan_out_that_died_half_way_delivers_each_subscription_once() {
     .await;
     assert!(died.is_err(), "the worker died waiting on `two`");
 
+    let received = aws
+        .app
+        .get_event(&tenant, &published.event_id)
+        .await
+        .unwrap()
+        .received_at;
     let got_one = receiver.wait_for("/one", 1, WAIT).await;
     let got_two = receiver.wait_for("/two", 1, WAIT).await;
     tokio::time::sleep(Duration::from_secs(5)).await; // past another sweep's grace
     for (sub, got, path) in [(&one, &got_one, "/one"), (&two, &got_two, "/two")] {
         assert_eq!(receiver.received_on(path).len(), 1, "one webhook to {path}");
         let sub_id = SubscriptionId::parse(sub["subscriptionId"].as_str().unwrap()).unwrap();
-        let id = DeliveryId::derive(&tenant, &published.event_id, &sub_id);
+        let id = DeliveryId::derive(&tenant, &published.event_id, &sub_id, received);
         assert_eq!(got[0].header("webhook-id"), id.as_str());
         let list = deliveries_of(&aws.api, sub).await;
         assert_eq!(list.len(), 1, "one delivery per subscription: {list:#?}");

@@ -1,42 +1,47 @@
-//! The DynamoDB store: one on-demand table holding every entity, each under its own key.
+//! The DynamoDB store: one on-demand table holding every entity; a subscription's deliveries
+//! share its partitions, every other item is alone under its key.
 //!
 //! # Table layout
 //!
 //! [`DynamoStore::create_table`] is the reference; the SAM template mirrors it.
 //!
 //! - Billing: `PAY_PER_REQUEST`. TTL: attribute `expires_at` (Number, epoch seconds).
-//! - Table key: `pk` (String, HASH). No sort key: every item is keyed by its own id, with the
-//!   tenant in the key, so a busy tenant spreads over many partitions.
+//! - Table key: `pk` (String, HASH), `sk` (String, RANGE). A subscription's deliveries are kept
+//!   under [`DELIVERY_SHARDS`] partition keys of their own, sorted by `sk` (the delivery id's own
+//!   part: the event's receive time, then a hash), so its list is a `Query` of the table, with
+//!   no index row to write per delivery; every other item is alone under its `pk` (`sk` is
+//!   [`SINGLE_SK`]), with the tenant in the key, so a busy tenant spreads over many partitions.
 //! - Index `list`: `list_pk` (String, HASH), `list_sk` (String, RANGE); projection `INCLUDE`
-//!   of the attribute `subscription`. Subscription items carry their body into it (fan-out reads
-//!   them in one `Query`); delivery items leave only their keys, so a delivery's state changes
-//!   never write to this index.
+//!   of the attribute `subscription`: a tenant's subscriptions, with their bodies (fan-out reads
+//!   them in one `Query`).
 //! - Index `due`: `due_shard` (Number, HASH), `due_at` (Number, RANGE, epoch milliseconds);
 //!   projection `KEYS_ONLY`. Sparse: both attributes exist only while the delivery's `due_at` is
 //!   set, or while an event owes its fan-out, so the sweep reads live work only. The shard (from
 //!   a hash of the id: `0..DUE_SHARDS` for deliveries, [`FAN_OUT_SHARD_BASE`]`..+DUE_SHARDS` for
 //!   events) spreads the index over partition keys and keeps the two kinds apart.
 //!
-//! | item | `pk` | `list_pk` / `list_sk` | `due_shard` / `due_at` | other attributes |
+//! | item | `pk` / `sk` | `list_pk` / `list_sk` | `due_shard` / `due_at` | other attributes |
 //! | --- | --- | --- | --- | --- |
-//! | API key | `KEY#{key_hash}` | | | `api_key` (map) |
-//! | subscription | `T#{tenant}#SUB#{id}` | `T#{tenant}#SUBS` / `{id}` | | `subscription` (map) |
-//! | event | `T#{tenant}#EVT#{id}` | | while its fan-out is owed | `event` (map, `data` a string), `expires_at` |
-//! | idempotency key | `T#{tenant}#IDEM#{key}` | | | `event_id`, `expires_at` |
-//! | delivery | `T#{tenant}#DLV#{id}` | `T#{tenant}#SUB#{subscription}#DLVS` / `{created ms, 13 digits}#{id}` | while due | `delivery` (map), `expires_at` |
+//! | API key | `KEY#{key_hash}` / `-` | | | `api_key` (map) |
+//! | subscription | `T#{tenant}#SUB#{id}` / `-` | `T#{tenant}#SUBS` / `{id}` | | `subscription` (map) |
+//! | event | `T#{tenant}#EVT#{id}` / `-` | | while its fan-out is owed | `event` (map, `data` a string), `expires_at`, `fan_out` = `stream` when the stream starts its fan-out |
+//! | idempotency key | `T#{tenant}#IDEM#{key}` / `-` | | | `event_id`, `expires_at` |
+//! | delivery | `T#{tenant}#SUB#{subscription}#DLV#{shard}` / `{own part of the id}` | | while due | `delivery` (map), `expires_at` |
 //!
 //! Tenant ids and generated ids never contain `#`, so keys cannot collide. Subscription ids are
-//! ULID based and sort by creation time, which orders the `list` index; delivery ids are derived
-//! from (tenant, event, subscription), so a delivery's list key starts with its creation time.
+//! ULID based and sort by creation time, which orders the `list` index. A delivery id is
+//! `dlv_{subscription ULID}{own ULID}`, derived from (tenant, event, subscription) and the
+//! event's receive time ([`DeliveryId::derive`]): its key follows from the id alone (the shard is
+//! a hash of the own part), and its own part sorts by time.
 //! Retention (TTL, default 30 days) counts from the event's `received_at` for the event and its
 //! idempotency key, and from `created_at` for a delivery (its fan-out, normally moments later).
 //!
 //! # DynamoDB calls per [`Store`] method
 //!
-//! Every `GetItem` and `BatchGetItem` is strongly consistent but the event's (an event never
+//! Every `GetItem` and table `Query` is strongly consistent but the event's (an event never
 //! changes, so an eventually consistent read at half the price is right whenever it finds it; a
-//! miss is read again strongly); index queries cannot be, so a list may miss a write made a moment
-//! before. Fan-out reads the tenant's subscriptions from the `list` index too: so that an event
+//! miss is read again strongly); index queries cannot be, so a list of subscriptions may miss a
+//! write made a moment before. Fan-out reads the tenant's subscriptions from the `list` index too: so that an event
 //! published after a subscription change was answered always sees it, a subscription write
 //! returns only once the index shows it (DynamoDB's index lag is usually well under a second).
 //!
@@ -59,15 +64,16 @@
 //! | `insert_delivery` | 1 `PutItem` (`attribute_not_exists`, `ALL_OLD` on failure) |
 //! | `get_delivery` | 1 `GetItem` |
 //! | `update_delivery` | 1 `PutItem` (version condition, `ALL_OLD` on failure) |
-//! | `list_deliveries` | 1 `Query` on `list` (keys) + 1 `BatchGetItem` per 100 items of the page |
+//! | `list_deliveries` | [`DELIVERY_SHARDS`] `Query`s of the table (the subscription's partitions, newest first, `Limit` = limit + 1 each), run concurrently and merged |
 //! | `due_deliveries` | [`DUE_SHARDS`] `Query`s on `due`, run concurrently |
 //!
-//! Queries page on past 1 MB, and batch calls retry their unprocessed items; neither happens at
-//! this service's item sizes and page limits in normal operation.
+//! Queries page on past 1 MB; that does not happen at this service's item sizes and page limits
+//! in normal operation.
 //!
-//! Index writes per delivery write: `list` only when the delivery is created (keys only);
-//! `due` when `due_at` changes (a changed key is a delete plus a put in the index). Per event:
-//! `due` when it is written owing its fan-out, and when the fan-out is done.
+//! Index writes per delivery write: `due` only, when `due_at` changes (a changed key is a delete
+//! plus a put in the index); a delivery written with its first attempt done and nothing to retry
+//! writes no index at all. Per event: `due` when it is written owing its fan-out, and when the
+//! fan-out is done (none when the stream or its caller starts the fan-out).
 //!
 //! # Events first, deliveries with their first attempt
 //!
@@ -102,7 +108,7 @@ use aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, CancellationReason, GlobalSecondaryIndex,
-    KeySchemaElement, KeyType, KeysAndAttributes, Projection, ProjectionType, Put,
+    KeySchemaElement, KeyType, Projection, ProjectionType, Put,
     ReturnValuesOnConditionCheckFailure, ScalarAttributeType, StreamSpecification, StreamViewType,
     TimeToLiveSpecification, TimeToLiveStatus, TransactWriteItem,
 };
@@ -122,6 +128,14 @@ use crate::ports::{
 
 /// The table's partition key.
 pub const PK: &str = "pk";
+/// The table's sort key.
+pub const SK: &str = "sk";
+/// The sort key of an item alone under its partition key (all but deliveries).
+pub const SINGLE_SK: &str = "-";
+/// How many partitions a subscription's deliveries are spread over (by a hash of the delivery
+/// id): each takes 1,000 write units a second, so a subscription takes 8,000 new deliveries a
+/// second (docs/scaling.md). Part of the stored keys: changing it hides stored deliveries.
+pub const DELIVERY_SHARDS: u16 = 8;
 /// The index listing a tenant's subscriptions and a subscription's deliveries.
 pub const LIST_INDEX: &str = "list";
 pub const LIST_PK: &str = "list_pk";
@@ -156,8 +170,6 @@ const SUBSCRIPTION: &str = "subscription";
 const EVENT: &str = "event";
 const DELIVERY: &str = "delivery";
 
-/// `BatchGetItem` takes at most this many keys.
-const MAX_BATCH_GET: usize = 100;
 /// Tries of a call whose items were left unprocessed (throttling), or a transaction that lost to
 /// a concurrent one, before giving up as unavailable.
 const MAX_TRIES: u32 = 8;
@@ -277,11 +289,13 @@ impl DynamoStore {
             .table_name(table)
             .billing_mode(BillingMode::PayPerRequest)
             .attribute_definitions(attribute(PK, ScalarAttributeType::S)?)
+            .attribute_definitions(attribute(SK, ScalarAttributeType::S)?)
             .attribute_definitions(attribute(LIST_PK, ScalarAttributeType::S)?)
             .attribute_definitions(attribute(LIST_SK, ScalarAttributeType::S)?)
             .attribute_definitions(attribute(DUE_SHARD, ScalarAttributeType::N)?)
             .attribute_definitions(attribute(DUE_AT, ScalarAttributeType::N)?)
             .key_schema(key_element(PK, KeyType::Hash)?)
+            .key_schema(key_element(SK, KeyType::Range)?)
             .global_secondary_indexes(
                 GlobalSecondaryIndex::builder()
                     .index_name(LIST_INDEX)
@@ -376,7 +390,8 @@ impl DynamoStore {
         let event = &new.event;
         let due_at = new.fan_out.due_at().map(Timestamp::unix_millis);
         to_item(&EventItem {
-            pk: event_pk(&event.tenant_id, &event.id),
+            pk: event_pk(&event.tenant_id, &event.id).pk,
+            sk: SINGLE_SK,
             due_shard: due_at.map(|_| fan_out_shard(&event.id)),
             due_at,
             fan_out: (new.fan_out == FanOutDuty::Stream).then_some(FAN_OUT_BY_STREAM),
@@ -387,7 +402,8 @@ impl DynamoStore {
 
     fn idempotency_item(&self, event: &Event, key: &str) -> StoreResult<Item> {
         to_item(&IdempotencyItem {
-            pk: idempotency_pk(&event.tenant_id, key),
+            pk: idempotency_pk(&event.tenant_id, key).pk,
+            sk: SINGLE_SK.to_owned(),
             event_id: event.id.clone(),
             expires_at: self.expires_at(event.received_at),
         })
@@ -395,10 +411,10 @@ impl DynamoStore {
 
     fn delivery_item(&self, d: &Delivery) -> StoreResult<Item> {
         let due_at = d.due_at().map(Timestamp::unix_millis);
+        let key = delivery_key(d.tenant_id(), d.id());
         to_item(&DeliveryItem {
-            pk: delivery_pk(d.tenant_id(), d.id()),
-            list_pk: deliveries_list_pk(d.tenant_id(), d.subscription_id()),
-            list_sk: delivery_list_sk(d),
+            pk: key.pk,
+            sk: key.sk,
             due_shard: due_at.map(|_| due_shard(d.id())),
             due_at,
             expires_at: self.expires_at(d.created_at()),
@@ -406,17 +422,17 @@ impl DynamoStore {
         })
     }
 
-    async fn get_item(&self, pk: String) -> StoreResult<Option<Item>> {
-        self.get_item_read(pk, true).await
+    async fn get_item(&self, key: Key) -> StoreResult<Option<Item>> {
+        self.get_item_read(key, true).await
     }
 
     /// `consistent`: a strong read (1 read unit per 4 KB) or an eventually consistent one (half).
-    async fn get_item_read(&self, pk: String, consistent: bool) -> StoreResult<Option<Item>> {
+    async fn get_item_read(&self, key: Key, consistent: bool) -> StoreResult<Option<Item>> {
         let out = self
             .client
             .get_item()
             .table_name(&self.table)
-            .key(PK, AttributeValue::S(pk))
+            .set_key(Some(key.attributes()))
             .consistent_read(consistent)
             .send()
             .await
@@ -424,12 +440,8 @@ impl DynamoStore {
         Ok(out.item)
     }
 
-    async fn get_body<T: DeserializeOwned>(
-        &self,
-        pk: String,
-        attr: &str,
-    ) -> StoreResult<Option<T>> {
-        self.get_item(pk)
+    async fn get_body<T: DeserializeOwned>(&self, key: Key, attr: &str) -> StoreResult<Option<T>> {
+        self.get_item(key)
             .await?
             .map(|item| body(item, attr))
             .transpose()
@@ -618,69 +630,6 @@ impl DynamoStore {
         let item: IdempotencyItem = serde_ddb::from_item(item).map_err(StoreError::unavailable)?;
         self.existing(&new.event.tenant_id, item.event_id).await
     }
-
-    /// Strongly consistent reads of the items with these keys, by key; missing ones are absent.
-    async fn batch_get(&self, pks: Vec<String>) -> StoreResult<HashMap<String, Item>> {
-        self.batch_get_read(pks, true).await
-    }
-
-    /// [`batch_get`](Self::batch_get), strongly consistent or not.
-    async fn batch_get_read(
-        &self,
-        pks: Vec<String>,
-        consistent: bool,
-    ) -> StoreResult<HashMap<String, Item>> {
-        let mut found = HashMap::with_capacity(pks.len());
-        for chunk in pks.chunks(MAX_BATCH_GET) {
-            let keys = chunk
-                .iter()
-                .map(|pk| HashMap::from([(PK.to_owned(), AttributeValue::S(pk.clone()))]))
-                .collect();
-            let mut request = Some(
-                KeysAndAttributes::builder()
-                    .set_keys(Some(keys))
-                    .consistent_read(consistent)
-                    .build()
-                    .map_err(StoreError::unavailable)?,
-            );
-            let mut tries = 0;
-            while let Some(keys) = request.take() {
-                tries += 1;
-                if tries > 1 {
-                    tokio::time::sleep(backoff(tries - 1)).await;
-                }
-                let mut out = self
-                    .client
-                    .batch_get_item()
-                    .request_items(&self.table, keys)
-                    .send()
-                    .await
-                    .map_err(StoreError::unavailable)?;
-                for item in out
-                    .responses
-                    .as_mut()
-                    .and_then(|r| r.remove(&self.table))
-                    .unwrap_or_default()
-                {
-                    let pk = match item.get(PK) {
-                        Some(AttributeValue::S(pk)) => pk.clone(),
-                        _ => return Err(StoreError::unavailable("item without a string `pk`")),
-                    };
-                    found.insert(pk, item);
-                }
-                request = out
-                    .unprocessed_keys
-                    .and_then(|mut u| u.remove(&self.table))
-                    .filter(|k| !k.keys.is_empty());
-                if request.is_some() && tries >= MAX_TRIES {
-                    return Err(StoreError::unavailable(format!(
-                        "BatchGetItem left keys unprocessed after {tries} tries"
-                    )));
-                }
-            }
-        }
-        Ok(found)
-    }
 }
 
 fn attribute(name: &str, ty: ScalarAttributeType) -> StoreResult<AttributeDefinition> {
@@ -710,80 +659,113 @@ fn backoff(tries: u32) -> Duration {
 
 // ---- keys ----
 
-fn api_key_pk(key_hash: &str) -> String {
-    format!("KEY#{key_hash}")
+/// An item's primary key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    pk: String,
+    sk: String,
 }
 
-fn subscription_pk(tenant: &TenantId, id: &SubscriptionId) -> String {
-    format!("T#{tenant}#SUB#{id}")
+impl Key {
+    /// The key of an item alone under its partition key.
+    fn single(pk: String) -> Self {
+        Self {
+            pk,
+            sk: SINGLE_SK.to_owned(),
+        }
+    }
+
+    fn attributes(&self) -> Item {
+        HashMap::from([
+            (PK.to_owned(), AttributeValue::S(self.pk.clone())),
+            (SK.to_owned(), AttributeValue::S(self.sk.clone())),
+        ])
+    }
+}
+
+fn api_key_pk(key_hash: &str) -> Key {
+    Key::single(format!("KEY#{key_hash}"))
+}
+
+fn subscription_pk(tenant: &TenantId, id: &SubscriptionId) -> Key {
+    Key::single(format!("T#{tenant}#SUB#{id}"))
 }
 
 fn subscriptions_list_pk(tenant: &TenantId) -> String {
     format!("T#{tenant}#SUBS")
 }
 
-fn event_pk(tenant: &TenantId, id: &EventId) -> String {
-    format!("T#{tenant}#EVT#{id}")
+fn event_pk(tenant: &TenantId, id: &EventId) -> Key {
+    Key::single(format!("T#{tenant}#EVT#{id}"))
 }
 
-fn idempotency_pk(tenant: &TenantId, key: &str) -> String {
-    format!("T#{tenant}#IDEM#{key}")
+fn idempotency_pk(tenant: &TenantId, key: &str) -> Key {
+    Key::single(format!("T#{tenant}#IDEM#{key}"))
 }
 
-fn delivery_pk(tenant: &TenantId, id: &DeliveryId) -> String {
-    format!("T#{tenant}#DLV#{id}")
-}
-
-/// A delivery's place in its subscription's list: creation time (13 digits of epoch
-/// milliseconds, so text order is time order), then the id. Delivery ids are derived from the
-/// event and subscription, so they do not sort by time themselves.
-fn delivery_list_sk(d: &Delivery) -> String {
-    format!("{:013}#{}", d.created_at().unix_millis().max(0), d.id())
-}
-
-/// A deliveries-list cursor as [`delivery_list_sk`] writes it, else `BadCursor`: a cursor goes
-/// into a key condition, so text this store did not hand out never reaches DynamoDB.
-fn parse_delivery_cursor(cursor: &str) -> StoreResult<&str> {
-    let (millis, id) = cursor.split_once('#').ok_or(StoreError::BadCursor)?;
-    if millis.len() != 13 || !millis.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(StoreError::BadCursor);
+/// A delivery's key: under its subscription, in one of [`DELIVERY_SHARDS`] partitions (a hash
+/// of its id), sorted by its own part (the event's receive time, then a hash). The id names the
+/// subscription, so the key follows from the id alone.
+fn delivery_key(tenant: &TenantId, id: &DeliveryId) -> Key {
+    let shard = shard_of(id.own_part(), DELIVERY_SHARDS);
+    Key {
+        pk: deliveries_pk(tenant, &id.subscription_id(), shard),
+        sk: id.own_part().to_owned(),
     }
-    DeliveryId::parse(id).map_err(|_| StoreError::BadCursor)?;
-    Ok(cursor)
 }
 
-fn deliveries_list_pk(tenant: &TenantId, subscription: &SubscriptionId) -> String {
-    format!("T#{tenant}#SUB#{subscription}#DLVS")
+/// The partition of one shard of a subscription's deliveries.
+fn deliveries_pk(tenant: &TenantId, subscription: &SubscriptionId, shard: u16) -> String {
+    format!("T#{tenant}#SUB#{subscription}#DLV#{shard}")
 }
 
-/// The tenant and delivery id of a delivery's `pk`.
-fn parse_delivery_pk(pk: &str) -> StoreResult<(TenantId, DeliveryId)> {
-    let (tenant, id) = pk
-        .strip_prefix("T#")
-        .and_then(|rest| rest.split_once("#DLV#"))
-        .ok_or_else(|| StoreError::unavailable(format!("`{pk}` is not a delivery key")))?;
+/// A deliveries-list cursor (the sort key of the last delivery listed) as this store hands it
+/// out, else `BadCursor`: a cursor goes into a key condition, so text this store did not hand out
+/// never reaches DynamoDB.
+fn parse_delivery_cursor<'a>(
+    subscription: &SubscriptionId,
+    cursor: &'a str,
+) -> StoreResult<&'a str> {
+    match DeliveryId::from_own_part(subscription, cursor) {
+        // Handed out in lower case: compared as text in the key condition.
+        Ok(id) if id.own_part() == cursor => Ok(cursor),
+        _ => Err(StoreError::BadCursor),
+    }
+}
+
+/// The tenant and delivery id of a delivery's key.
+fn parse_delivery_key(pk: &str, sk: &str) -> StoreResult<(TenantId, DeliveryId)> {
+    let parsed = pk.strip_prefix("T#").and_then(|rest| {
+        let (tenant, rest) = rest.split_once("#SUB#")?;
+        let (subscription, _shard) = rest.split_once("#DLV#")?;
+        Some((tenant, subscription))
+    });
+    let (tenant, subscription) =
+        parsed.ok_or_else(|| StoreError::unavailable(format!("`{pk}` is not a delivery key")))?;
+    let subscription = SubscriptionId::parse(subscription).map_err(StoreError::unavailable)?;
     Ok((
         TenantId::parse(tenant).map_err(StoreError::unavailable)?,
-        DeliveryId::parse(id).map_err(StoreError::unavailable)?,
+        DeliveryId::from_own_part(&subscription, sk).map_err(StoreError::unavailable)?,
     ))
 }
 
 /// The due-index shard of a delivery: FNV-1a of its id, so it is the same in every build.
 fn due_shard(id: &DeliveryId) -> u16 {
-    shard_of(id.as_str())
+    shard_of(id.as_str(), u16::from(DUE_SHARDS))
 }
 
 /// The due-index shard of an event that owes its fan-out: apart from the deliveries' shards, so
 /// the sweep reads each kind on its own.
 fn fan_out_shard(id: &EventId) -> u16 {
-    FAN_OUT_SHARD_BASE + shard_of(id.as_str())
+    FAN_OUT_SHARD_BASE + shard_of(id.as_str(), u16::from(DUE_SHARDS))
 }
 
-fn shard_of(text: &str) -> u16 {
+/// FNV-1a of `text`, modulo `shards`: the same in every build.
+fn shard_of(text: &str, shards: u16) -> u16 {
     let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
-    (hash % u64::from(DUE_SHARDS)) as u16
+    (hash % u64::from(shards)) as u16
 }
 
 /// The tenant and event id of an event's `pk`.
@@ -814,12 +796,14 @@ pub fn event_from_stream_image(image: serde_dynamo::Item) -> StoreResult<Option<
 #[derive(Serialize)]
 struct ApiKeyItem<'a> {
     pk: String,
+    sk: &'static str,
     api_key: &'a ApiKeyRecord,
 }
 
 #[derive(Serialize)]
 struct SubscriptionItem<'a> {
     pk: String,
+    sk: &'static str,
     list_pk: String,
     list_sk: &'a str,
     subscription: &'a Subscription,
@@ -828,6 +812,7 @@ struct SubscriptionItem<'a> {
 #[derive(Serialize)]
 struct EventItem {
     pk: String,
+    sk: &'static str,
     // Present while the event's fan-out is owed: the sweep finds it in the due index.
     #[serde(skip_serializing_if = "Option::is_none")]
     due_shard: Option<u16>,
@@ -889,6 +874,7 @@ impl TryFrom<StoredEvent> for Event {
 #[derive(Serialize, Deserialize)]
 struct IdempotencyItem {
     pk: String,
+    sk: String,
     event_id: EventId,
     expires_at: i64,
 }
@@ -896,8 +882,7 @@ struct IdempotencyItem {
 #[derive(Serialize)]
 struct DeliveryItem<'a> {
     pk: String,
-    list_pk: String,
-    list_sk: String,
+    sk: String,
     // Absent, not null, while not due: that keeps the due index sparse.
     #[serde(skip_serializing_if = "Option::is_none")]
     due_shard: Option<u16>,
@@ -907,18 +892,12 @@ struct DeliveryItem<'a> {
     delivery: &'a Delivery,
 }
 
-/// What the due index holds of a delivery.
+/// What the due index holds of a delivery or an event.
 #[derive(Deserialize)]
 struct DueEntry {
     pk: String,
+    sk: String,
     due_at: i64,
-}
-
-/// What the list index holds of a delivery.
-#[derive(Deserialize)]
-struct ListEntry {
-    pk: String,
-    list_sk: String,
 }
 
 fn to_item<T: Serialize>(value: &T) -> StoreResult<Item> {
@@ -1064,7 +1043,7 @@ impl DynamoStore {
         now: Timestamp,
         limit: u32,
         shards: std::ops::Range<u16>,
-    ) -> StoreResult<Vec<(String, Timestamp)>> {
+    ) -> StoreResult<Vec<(Key, Timestamp)>> {
         let want = limit as usize;
         if want == 0 {
             return Ok(Vec::new());
@@ -1092,10 +1071,14 @@ impl DynamoStore {
             for item in items.map_err(StoreError::unavailable)?? {
                 let entry: DueEntry =
                     serde_ddb::from_item(item).map_err(StoreError::unavailable)?;
-                due.push((entry.pk, Timestamp::from_unix_millis(entry.due_at)));
+                let key = Key {
+                    pk: entry.pk,
+                    sk: entry.sk,
+                };
+                due.push((key, Timestamp::from_unix_millis(entry.due_at)));
             }
         }
-        due.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+        due.sort_by(|a, b| (a.1, &a.0.pk, &a.0.sk).cmp(&(b.1, &b.0.pk, &b.0.sk)));
         due.truncate(want);
         Ok(due)
     }
@@ -1114,7 +1097,8 @@ impl DynamoStore {
 impl Store for DynamoStore {
     async fn put_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
         let item = to_item(&ApiKeyItem {
-            pk: api_key_pk(&key.key_hash),
+            pk: api_key_pk(&key.key_hash).pk,
+            sk: SINGLE_SK,
             api_key: key,
         })?;
         self.client
@@ -1222,7 +1206,7 @@ impl Store for DynamoStore {
             .client
             .delete_item()
             .table_name(&self.table)
-            .key(PK, AttributeValue::S(subscription_pk(tenant, id)))
+            .set_key(Some(subscription_pk(tenant, id).attributes()))
             .condition_expression("attribute_exists(#pk)")
             .expression_attribute_names("#pk", PK)
             .send()
@@ -1295,7 +1279,7 @@ impl Store for DynamoStore {
             .client
             .update_item()
             .table_name(&self.table)
-            .key(PK, AttributeValue::S(event_pk(tenant, id)))
+            .set_key(Some(event_pk(tenant, id).attributes()))
             .update_expression("REMOVE #s, #d")
             .condition_expression("attribute_exists(#pk)")
             .expression_attribute_names("#pk", PK)
@@ -1324,8 +1308,8 @@ impl Store for DynamoStore {
             )
             .await?;
         rows.into_iter()
-            .map(|(pk, due_at)| {
-                let (tenant_id, event_id) = parse_event_pk(&pk)?;
+            .map(|(key, due_at)| {
+                let (tenant_id, event_id) = parse_event_pk(&key.pk)?;
                 Ok(DueFanOut {
                     tenant_id,
                     event_id,
@@ -1340,10 +1324,7 @@ impl Store for DynamoStore {
             .client
             .update_item()
             .table_name(&self.table)
-            .key(
-                PK,
-                AttributeValue::S(event_pk(&due.tenant_id, &due.event_id)),
-            )
+            .set_key(Some(event_pk(&due.tenant_id, &due.event_id).attributes()))
             .update_expression("SET #d = :next")
             .condition_expression("#d = :expected")
             .expression_attribute_names("#d", DUE_AT)
@@ -1386,7 +1367,7 @@ impl Store for DynamoStore {
         tenant: &TenantId,
         id: &DeliveryId,
     ) -> StoreResult<Option<Delivery>> {
-        self.get_body(delivery_pk(tenant, id), DELIVERY).await
+        self.get_body(delivery_key(tenant, id), DELIVERY).await
     }
 
     async fn update_delivery(&self, delivery: &Delivery, expected_version: u64) -> StoreResult<()> {
@@ -1417,34 +1398,50 @@ impl Store for DynamoStore {
         page: &PageRequest,
     ) -> StoreResult<Page<Delivery>> {
         let limit = page_limit(page);
-        let after = page_after(page).map(parse_delivery_cursor).transpose()?;
-        let query = self.list_query(deliveries_list_pk(tenant, subscription), false, after);
-        let entries = query_up_to(query, limit + 1)
-            .await?
-            .into_iter()
-            .map(|item| serde_ddb::from_item(item).map_err(StoreError::unavailable))
-            .collect::<StoreResult<Vec<ListEntry>>>()?;
-        // The cursor follows the index, even should an item expire before it is read.
-        let Page {
-            items: entries,
-            next,
-        } = into_page(entries, limit, |e| e.list_sk.clone());
-        let mut found = self
-            .batch_get(entries.iter().map(|e| e.pk.clone()).collect())
-            .await?;
-        let items = entries
-            .iter()
-            .filter_map(|e| found.remove(&e.pk))
-            .map(|item| body(item, DELIVERY))
-            .collect::<StoreResult<Vec<Delivery>>>()?;
-        Ok(Page { items, next })
+        let after = page_after(page)
+            .map(|a| parse_delivery_cursor(subscription, a))
+            .transpose()?;
+        // Newest first: each shard's newest `limit + 1` past the cursor, read concurrently and
+        // merged; the newest `limit + 1` of all of them tell the page and whether one follows.
+        let mut queries = tokio::task::JoinSet::new();
+        for shard in 0..DELIVERY_SHARDS {
+            let mut query = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .scan_index_forward(false)
+                .expression_attribute_names("#p", PK)
+                .expression_attribute_values(
+                    ":p",
+                    AttributeValue::S(deliveries_pk(tenant, subscription, shard)),
+                );
+            query = match after {
+                None => query.key_condition_expression("#p = :p"),
+                Some(after) => query
+                    .key_condition_expression("#p = :p AND #s < :after")
+                    .expression_attribute_names("#s", SK)
+                    .expression_attribute_values(":after", AttributeValue::S(after.to_owned())),
+            };
+            queries.spawn(query_up_to(query, limit + 1));
+        }
+        let mut found = Vec::new();
+        while let Some(items) = queries.join_next().await {
+            for item in items.map_err(StoreError::unavailable)?? {
+                let delivery: Delivery = body(item, DELIVERY)?;
+                found.push(delivery);
+            }
+        }
+        found.sort_by(|a, b| b.id().own_part().cmp(a.id().own_part()));
+        found.truncate(limit + 1);
+        Ok(into_page(found, limit, |d| d.id().own_part().to_owned()))
     }
 
     async fn due_deliveries(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<DueDelivery>> {
         let rows = self.due_rows(now, limit, 0..u16::from(DUE_SHARDS)).await?;
         rows.into_iter()
-            .map(|(pk, due_at)| {
-                let (tenant_id, delivery_id) = parse_delivery_pk(&pk)?;
+            .map(|(key, due_at)| {
+                let (tenant_id, delivery_id) = parse_delivery_key(&key.pk, &key.sk)?;
                 Ok(DueDelivery {
                     tenant_id,
                     delivery_id,
@@ -1457,7 +1454,8 @@ impl Store for DynamoStore {
 
 fn subscription_item(s: &Subscription) -> StoreResult<Item> {
     to_item(&SubscriptionItem {
-        pk: subscription_pk(&s.tenant_id, &s.id),
+        pk: subscription_pk(&s.tenant_id, &s.id).pk,
+        sk: SINGLE_SK,
         list_pk: subscriptions_list_pk(&s.tenant_id),
         list_sk: s.id.as_str(),
         subscription: s,
@@ -1518,19 +1516,40 @@ mod tests {
             &subscription(&tenant("acme-1"), ts(0)),
             ts(0),
         );
-        let pk = delivery_pk(d.tenant_id(), d.id());
+        let key = delivery_key(d.tenant_id(), d.id());
+        assert!(
+            key.pk
+                .starts_with(&format!("T#acme-1#SUB#{}#DLV#", d.subscription_id())),
+            "under its subscription: {key:?}"
+        );
         assert_eq!(
-            parse_delivery_pk(&pk).unwrap(),
+            parse_delivery_key(&key.pk, &key.sk).unwrap(),
             (d.tenant_id().clone(), d.id().clone())
         );
-        assert!(parse_delivery_pk("T#a#SUB#sub_x").is_err());
-        assert!(parse_delivery_pk("KEY#x").is_err());
+        assert!(parse_delivery_key("T#a#SUB#sub_x", &key.sk).is_err());
+        assert!(parse_delivery_key(&key.pk, "x").is_err());
+        assert!(parse_delivery_key("KEY#x", SINGLE_SK).is_err());
+    }
+
+    #[test]
+    fn a_subscriptions_deliveries_spread_over_its_shards() {
+        let a = tenant("a");
+        let s = subscription(&a, ts(0));
+        let partitions: std::collections::HashSet<String> = (0..400)
+            .map(|i| {
+                let event = EventId::parse(&format!("e-{i}")).unwrap();
+                let id = DeliveryId::derive(&a, &event, &s.id, ts(i));
+                delivery_key(&a, &id).pk
+            })
+            .collect();
+        assert_eq!(partitions.len(), usize::from(DELIVERY_SHARDS));
     }
 
     #[test]
     fn due_shard_is_stable_and_spread() {
         // FNV-1a is fixed: a delivery must keep its shard across builds.
-        let id = DeliveryId::parse("dlv_01hf2gn0h3c0y8mp0fqzjaxyqw").unwrap();
+        let id =
+            DeliveryId::parse("dlv_01hf2gn0h3c0y8mp0fqzjaxyqw01hf2gn0h3c0y8mp0fqzjaxyqw").unwrap();
         assert_eq!(due_shard(&id), due_shard(&id.clone()));
         let used: std::collections::HashSet<u16> = (0..4_000)
             .map(|_| due_shard(&DeliveryId::generate()))
@@ -1555,16 +1574,14 @@ mod tests {
         let a = tenant("a");
         let d = delivery_for(&a, &subscription(&a, ts(0)), ts(0));
         let item = store.delivery_item(&d).unwrap();
-        for attr in [
-            PK,
-            LIST_PK,
-            LIST_SK,
-            DUE_SHARD,
-            DUE_AT,
-            TTL_ATTRIBUTE,
-            DELIVERY,
-        ] {
+        for attr in [PK, SK, DUE_SHARD, DUE_AT, TTL_ATTRIBUTE, DELIVERY] {
             assert!(item.contains_key(attr), "{attr} in {item:?}");
+        }
+        for attr in [LIST_PK, LIST_SK] {
+            assert!(
+                !item.contains_key(attr),
+                "listed from the table, not an index"
+            );
         }
         assert_eq!(
             item[DUE_AT],
@@ -1634,22 +1651,25 @@ mod tests {
     }
 
     #[test]
-    fn delivery_list_keys_sort_by_creation_time_and_parse_back_as_cursors() {
+    fn delivery_sort_keys_sort_by_receive_time_and_parse_back_as_cursors() {
         let a = tenant("a");
         let s = subscription(&a, ts(0));
         let early = delivery_for(&a, &s, Timestamp::from_unix_millis(999));
         let late = delivery_for(&a, &s, Timestamp::from_unix_millis(1_700_000_000_000));
-        let (ek, lk) = (delivery_list_sk(&early), delivery_list_sk(&late));
+        let (ek, lk) = (
+            delivery_key(&a, early.id()).sk,
+            delivery_key(&a, late.id()).sk,
+        );
         assert!(ek < lk, "{ek} sorts before {lk}");
-        assert_eq!(parse_delivery_cursor(&lk).unwrap(), lk);
+        assert_eq!(parse_delivery_cursor(&s.id, &lk).unwrap(), lk);
         for bad in [
             "",
             "x",
             "1700000000000",
-            "170000000000#dlv_x",
             &format!("{lk}x"),
+            late.id().as_str(),
         ] {
-            assert!(parse_delivery_cursor(bad).is_err(), "{bad}");
+            assert!(parse_delivery_cursor(&s.id, bad).is_err(), "{bad}");
         }
     }
 
@@ -1680,6 +1700,7 @@ mod tests {
             Delivery::new(
                 tenant.clone(),
                 EventId::parse(event).unwrap(),
+                Timestamp::from_unix_millis(created_ms),
                 subscription(&tenant, ts(0)).id,
                 Timestamp::from_unix_millis(created_ms),
                 Duration::ZERO,
@@ -1690,8 +1711,8 @@ mod tests {
         fn cursor_like() -> impl Strategy<Value = String> {
             prop_oneof![
                 any::<String>(),
-                "[0-9]{11,15}[#.](dlv_|sub_)?[0-9a-zA-Z]{24,28}",
-                ("[0-9]{13}", "[0-9a-z]{26}").prop_map(|(ms, id)| format!("{ms}#dlv_{id}")),
+                "[0-9a-zA-Z]{24,28}",
+                "[0-7][0-9a-hjkmnp-tv-z]{25}",
             ]
         }
 
@@ -1699,13 +1720,14 @@ mod tests {
             #![proptest_config(config())]
 
             #[test]
-            fn delivery_cursors_are_exactly_list_keys(s in cursor_like()) {
-                let form = s.split_once('#').is_some_and(|(ms, id)| {
-                    ms.len() == 13
-                        && ms.bytes().all(|b| b.is_ascii_digit())
-                        && DeliveryId::parse(id).is_ok()
-                });
-                match parse_delivery_cursor(&s) {
+            fn delivery_cursors_are_exactly_sort_keys(s in cursor_like()) {
+                // A ULID in lower case, as handed out; written apart from the parser.
+                const CROCKFORD: &str = "0123456789abcdefghjkmnpqrstvwxyz";
+                let form = s.len() == 26
+                    && s.chars().all(|c| CROCKFORD.contains(c))
+                    && s.as_bytes()[0] <= b'7';
+                let sub = SubscriptionId::generate();
+                match parse_delivery_cursor(&sub, &s) {
                     Ok(cursor) => {
                         prop_assert!(form, "{:?}", s);
                         prop_assert_eq!(cursor, s.as_str());
@@ -1718,26 +1740,29 @@ mod tests {
             }
 
             #[test]
-            fn list_keys_are_cursors_and_sort_by_creation_time(
+            fn sort_keys_are_cursors_and_sort_by_receive_time(
                 tenant in "[a-z0-9_-]{1,64}",
                 (a, b) in ("[A-Za-z0-9._:-]{1,128}", "[A-Za-z0-9._:-]{1,128}"),
                 (at_a, at_b) in (-1_000i64..=9_999_999_999_999, -1_000i64..=9_999_999_999_999),
             ) {
                 let (da, db) = (delivery(&tenant, &a, at_a), delivery(&tenant, &b, at_b));
-                let (ka, kb) = (delivery_list_sk(&da), delivery_list_sk(&db));
-                prop_assert_eq!(parse_delivery_cursor(&ka).ok(), Some(ka.as_str()));
+                let (ka, kb) = (
+                    delivery_key(da.tenant_id(), da.id()),
+                    delivery_key(db.tenant_id(), db.id()),
+                );
+                let sub = da.subscription_id();
+                prop_assert_eq!(parse_delivery_cursor(sub, &ka.sk).ok(), Some(ka.sk.as_str()));
                 if at_a.max(0) != at_b.max(0) {
-                    prop_assert_eq!(ka.cmp(&kb), at_a.max(0).cmp(&at_b.max(0)), "{} vs {}", ka, kb);
+                    prop_assert_eq!(ka.sk.cmp(&kb.sk), at_a.max(0).cmp(&at_b.max(0)), "{} vs {}", ka.sk, kb.sk);
                 }
-                let pk = delivery_pk(da.tenant_id(), da.id());
-                let parsed = parse_delivery_pk(&pk).unwrap();
+                let parsed = parse_delivery_key(&ka.pk, &ka.sk).unwrap();
                 prop_assert_eq!((&parsed.0, &parsed.1), (da.tenant_id(), da.id()));
             }
 
             #[test]
             fn any_text_is_a_delivery_key_or_an_error(s in any::<String>()) {
-                let _ = parse_delivery_pk(&s);
-                let _ = parse_delivery_pk(&format!("T#{s}#DLV#{s}"));
+                let _ = parse_delivery_key(&s, &s);
+                let _ = parse_delivery_key(&format!("T#{s}#SUB#{s}#DLV#{s}"), &s);
             }
         }
     }

@@ -1001,6 +1001,7 @@ mod tests {
         let d = Delivery::new(
             tenant(),
             EventId::generate(),
+            now,
             SubscriptionId::generate(),
             now,
             due_in,

@@ -202,11 +202,12 @@ pub enum NotResendable {
 impl Delivery {
     /// A new delivery of `event_id` to `subscription_id`. Its first attempt may start after
     /// `first_delay` (the retry schedule's first entry); if no queue message starts it within
-    /// `grace` after that, the sweep sends one. The id is derived, so every path that creates
-    /// this delivery names the same one.
+    /// `grace` after that, the sweep sends one. The id is derived (from the ids and the event's
+    /// receive time, as stored), so every path that creates this delivery names the same one.
     pub fn new(
         tenant_id: TenantId,
         event_id: EventId,
+        event_received_at: Timestamp,
         subscription_id: SubscriptionId,
         now: Timestamp,
         first_delay: Duration,
@@ -214,7 +215,7 @@ impl Delivery {
     ) -> Self {
         let first = now.saturating_add(first_delay);
         Self {
-            id: DeliveryId::derive(&tenant_id, &event_id, &subscription_id),
+            id: DeliveryId::derive(&tenant_id, &event_id, &subscription_id, event_received_at),
             tenant_id,
             event_id,
             subscription_id,
@@ -579,6 +580,7 @@ mod tests {
         Delivery::new(
             TenantId::parse("t1").unwrap(),
             EventId::generate(),
+            now,
             SubscriptionId::generate(),
             now,
             Duration::ZERO,
@@ -633,14 +635,17 @@ mod tests {
         let a = Delivery::new(
             t.clone(),
             e.clone(),
+            ts(0),
             s.clone(),
             ts(0),
             Duration::ZERO,
             GRACE,
         );
+        // The event as stored, whenever the delivery is made.
         let b = Delivery::new(
             t.clone(),
             e.clone(),
+            ts(0),
             s.clone(),
             ts(9_999),
             Duration::ZERO,
@@ -650,6 +655,7 @@ mod tests {
         let other_sub = Delivery::new(
             t.clone(),
             e.clone(),
+            ts(0),
             SubscriptionId::generate(),
             ts(0),
             Duration::ZERO,
@@ -658,6 +664,7 @@ mod tests {
         let other_tenant = Delivery::new(
             TenantId::parse("t2").unwrap(),
             e,
+            ts(0),
             s.clone(),
             ts(0),
             Duration::ZERO,
@@ -666,24 +673,23 @@ mod tests {
         assert_ne!(a.id(), other_sub.id());
         assert_ne!(a.id(), other_tenant.id());
         assert_eq!(DeliveryId::parse(a.id().as_str()).as_ref(), Ok(a.id()));
-        // A generated event id carries its time, and its deliveries' ids sort by it.
-        let earlier = EventId::generate();
-        std::thread::sleep(Duration::from_millis(2));
-        let later = EventId::generate();
-        let id = |e: &EventId| {
+        // Its own part sorts by the event's receive time, whatever the event's id.
+        let id = |e: &str, received: Timestamp| {
             Delivery::new(
                 t.clone(),
-                e.clone(),
+                EventId::parse(e).unwrap(),
+                received,
                 s.clone(),
-                ts(0),
+                ts(50_000),
                 Duration::ZERO,
                 GRACE,
             )
             .id()
             .clone()
         };
-        assert!(id(&earlier) < id(&later));
-        assert_eq!(id(&later), id(&later), "and stay a function of the three");
+        let (earlier, later) = (id("zzz", ts(1)), id("aaa", ts(2)));
+        assert!(earlier.own_part() < later.own_part());
+        assert_eq!(later, id("aaa", ts(2)), "and stay a function of the three");
     }
 
     #[test]
@@ -696,6 +702,7 @@ mod tests {
         let later = Delivery::new(
             TenantId::parse("t1").unwrap(),
             EventId::generate(),
+            now,
             SubscriptionId::generate(),
             now,
             Duration::from_secs(2),

@@ -4,6 +4,8 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::Timestamp;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct IdError(pub String);
@@ -65,18 +67,30 @@ prefixed_id!(
     SubscriptionId,
     "sub_"
 );
-prefixed_id!(
-    /// One event's delivery to one subscription: `dlv_…`.
-    DeliveryId,
-    "dlv_"
-);
+
+/// One event's delivery to one subscription: `dlv_`, then the subscription's ULID, then a ULID
+/// of its own (56 characters in all). The id names its subscription, so a store can keep a
+/// subscription's deliveries together and still find one from its id alone; its own part sorts
+/// by the event's receive time, which orders a subscription's list.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeliveryId(String);
 
 impl DeliveryId {
-    /// The id of the delivery of `event` to `subscription`: a hash of the three (and the event's
-    /// time, when its id carries one), shaped like the other ids, so every path that creates this delivery (the API, the events queue, a
-    /// redelivered message, a retry after a crash) names the same one, and its `webhook-id`
-    /// never changes.
-    pub fn derive(tenant: &TenantId, event: &EventId, subscription: &SubscriptionId) -> Self {
+    pub const PREFIX: &'static str = "dlv_";
+    /// Characters of a ULID.
+    const ULID_LEN: usize = 26;
+
+    /// The id of the delivery of `event` to `subscription`: the subscription's ULID, then a ULID
+    /// whose time is the event's receive time and whose rest is a hash of the three, so every
+    /// path that creates this delivery (the API, the events queue, a redelivered message, a
+    /// retry after a crash: all fan out the stored event) names the same one, and its
+    /// `webhook-id` never changes.
+    pub fn derive(
+        tenant: &TenantId,
+        event: &EventId,
+        subscription: &SubscriptionId,
+        received_at: Timestamp,
+    ) -> Self {
         use sha2::Digest as _;
         let mut hash = sha2::Sha256::new();
         for part in [tenant.as_str(), event.as_str(), subscription.as_str()] {
@@ -87,21 +101,88 @@ impl DeliveryId {
         let digest = hash.finalize();
         let mut random = [0u8; 16];
         random[6..].copy_from_slice(&digest[..10]);
-        // The time part is the event's own, when its id is a ULID (generated, or derived from a
-        // queue message): a delivery id then sorts by time like the others, and the store's
-        // indexes take new ones at their end instead of at random places (which costs B-tree
-        // page splits on every insert). A producer's own event id has no time: 0.
-        let time_ms = event
-            .as_str()
-            .strip_prefix("evt_")
-            .and_then(|rest| ulid::Ulid::from_string(&rest.to_ascii_uppercase()).ok())
-            .map_or(0, |u| u.timestamp_ms());
-        let ulid = ulid::Ulid::from_parts(time_ms, u128::from_be_bytes(random));
+        // ULIDs carry 48 bits of milliseconds from 1970: enough until the year 10889.
+        let time_ms = u64::try_from(received_at.unix_millis()).unwrap_or(0) & ((1 << 48) - 1);
+        let own = ulid::Ulid::from_parts(time_ms, u128::from_be_bytes(random));
+        Self::from_parts(subscription, &own)
+    }
+
+    /// A random id (tests, and unknown ids in examples).
+    pub fn generate() -> Self {
+        Self::from_parts(&SubscriptionId::generate(), &ulid::Ulid::new())
+    }
+
+    fn from_parts(subscription: &SubscriptionId, own: &ulid::Ulid) -> Self {
         Self(format!(
+            "{}{}{}",
+            Self::PREFIX,
+            &subscription.as_str()[SubscriptionId::PREFIX.len()..],
+            own.to_string().to_ascii_lowercase()
+        ))
+    }
+
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        let rest = s
+            .strip_prefix(Self::PREFIX)
+            .ok_or_else(|| IdError(format!("must start with `{}`", Self::PREFIX)))?;
+        let valid = rest.len() == 2 * Self::ULID_LEN
+            && rest.is_char_boundary(Self::ULID_LEN)
+            && ulid::Ulid::from_string(&rest[..Self::ULID_LEN].to_ascii_uppercase()).is_ok()
+            && ulid::Ulid::from_string(&rest[Self::ULID_LEN..].to_ascii_uppercase()).is_ok();
+        if !valid {
+            return Err(IdError(format!("`{s}` is not a valid dlv id")));
+        }
+        // ULIDs are case-insensitive; ids are handed out in lower case.
+        Ok(Self(format!(
             "{}{}",
             Self::PREFIX,
-            ulid.to_string().to_ascii_lowercase()
+            rest.to_ascii_lowercase()
+        )))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The subscription this delivery is for.
+    pub fn subscription_id(&self) -> SubscriptionId {
+        let ulid = &self.0[Self::PREFIX.len()..Self::PREFIX.len() + Self::ULID_LEN];
+        SubscriptionId(format!("{}{ulid}", SubscriptionId::PREFIX))
+    }
+
+    /// The delivery's own part (a ULID, lower case): it sorts by the event's receive time, then
+    /// by a hash.
+    pub fn own_part(&self) -> &str {
+        &self.0[Self::PREFIX.len() + Self::ULID_LEN..]
+    }
+
+    /// The id of the delivery to `subscription` whose own part is `own` (as
+    /// [`own_part`](Self::own_part) gives it).
+    pub fn from_own_part(subscription: &SubscriptionId, own: &str) -> Result<Self, IdError> {
+        Self::parse(&format!(
+            "{}{}{own}",
+            Self::PREFIX,
+            &subscription.as_str()[SubscriptionId::PREFIX.len()..]
         ))
+    }
+}
+
+impl fmt::Display for DeliveryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for DeliveryId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeliveryId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -254,6 +335,39 @@ mod tests {
     }
 
     #[test]
+    fn a_delivery_id_names_its_subscription_and_sorts_by_the_events_receive_time() {
+        let tenant = TenantId::parse("acme").unwrap();
+        let sub = SubscriptionId::generate();
+        let event = EventId::parse("order-7").unwrap();
+        let at = Timestamp::from_unix_millis(1_764_000_000_000);
+        let id = DeliveryId::derive(&tenant, &event, &sub, at);
+        assert_eq!(id, DeliveryId::derive(&tenant, &event, &sub, at), "stable");
+        assert_eq!(id.as_str().len(), 4 + 52);
+        assert_eq!(DeliveryId::parse(id.as_str()).unwrap(), id);
+        assert_eq!(id.subscription_id(), sub);
+        assert_eq!(DeliveryId::from_own_part(&sub, id.own_part()).unwrap(), id);
+        let own = ulid::Ulid::from_string(&id.own_part().to_ascii_uppercase()).unwrap();
+        assert_eq!(own.timestamp_ms(), 1_764_000_000_000);
+        let later = DeliveryId::derive(
+            &tenant,
+            &EventId::parse("order-6").unwrap(),
+            &sub,
+            Timestamp::from_unix_millis(1_764_000_000_001),
+        );
+        assert!(later.own_part() > id.own_part(), "sorts by receive time");
+        // Another tenant, event or subscription: another delivery.
+        let other_tenant = TenantId::parse("acme-2").unwrap();
+        assert_ne!(id, DeliveryId::derive(&other_tenant, &event, &sub, at));
+        assert_ne!(
+            id.own_part(),
+            DeliveryId::derive(&tenant, &event, &SubscriptionId::generate(), at).own_part()
+        );
+        // Before 1970: the earliest time, still a valid id.
+        let old = DeliveryId::derive(&tenant, &event, &sub, Timestamp::from_unix_millis(-5));
+        assert_eq!(DeliveryId::parse(old.as_str()).unwrap(), old);
+    }
+
+    #[test]
     fn prefixed_ids_reject_wrong_prefix_and_garbage() {
         let dlv = DeliveryId::generate();
         assert!(SubscriptionId::parse(dlv.as_str()).is_err());
@@ -261,6 +375,12 @@ mod tests {
         assert!(SubscriptionId::parse("sub_not-a-ulid-at-all-xxxxxxxx").is_err());
         assert!(SubscriptionId::parse("").is_err());
         assert!(DeliveryId::parse("dlv_01h!").is_err());
+        let sub_only = format!("dlv_{}", &SubscriptionId::generate().as_str()[4..]);
+        assert!(
+            DeliveryId::parse(&sub_only).is_err(),
+            "one ULID is not enough"
+        );
+        assert!(DeliveryId::parse(&format!("{}é", &dlv.as_str()[..55])).is_err());
     }
 
     #[test]

@@ -40,21 +40,24 @@ fn prefixed_id_text() -> impl Strategy<Value = String> {
     (
         prop::sample::select(vec!["sub_", "dlv_", "evt_", "SUB_", "sub", ""]),
         prop_oneof![ulid_text(), ulid_like(), text(40)],
+        // A delivery id is two ULIDs (its subscription's, then its own).
+        prop_oneof![Just(String::new()), ulid_text(), ulid_like(), text(30)],
     )
-        .prop_map(|(prefix, rest)| format!("{prefix}{rest}"))
+        .prop_map(|(prefix, rest, more)| format!("{prefix}{rest}{more}"))
 }
 
-/// What a prefixed id must be, written independently of the parser: the prefix and 26 base32
-/// characters (either case) of a ULID whose first character fits (128 bits is `7ZZZ…`).
-fn is_prefixed_id(s: &str, prefix: &str) -> bool {
+/// What a prefixed id must be, written independently of the parser: the prefix and `ulids`
+/// times 26 base32 characters (either case), each a ULID whose first character fits (128 bits
+/// is `7ZZZ…`).
+fn is_prefixed_id(s: &str, prefix: &str, ulids: usize) -> bool {
     let Some(rest) = s.strip_prefix(prefix) else {
         return false;
     };
-    rest.len() == 26
+    rest.len() == 26 * ulids
         && rest
             .chars()
             .all(|c| CROCKFORD.contains(c.to_ascii_lowercase()))
-        && rest.as_bytes()[0] <= b'7'
+        && (0..ulids).all(|i| rest.as_bytes()[26 * i] <= b'7')
 }
 
 proptest! {
@@ -62,11 +65,11 @@ proptest! {
 
     #[test]
     fn prefixed_ids_accept_exactly_prefix_and_ulid(s in prefixed_id_text()) {
-        for (prefix, parsed) in [
-            ("sub_", SubscriptionId::parse(&s).map(|id| id.to_string())),
-            ("dlv_", DeliveryId::parse(&s).map(|id| id.to_string())),
+        for (prefix, ulids, parsed) in [
+            ("sub_", 1, SubscriptionId::parse(&s).map(|id| id.to_string())),
+            ("dlv_", 2, DeliveryId::parse(&s).map(|id| id.to_string())),
         ] {
-            prop_assert_eq!(parsed.is_ok(), is_prefixed_id(&s, prefix), "{:?} as {}", s, prefix);
+            prop_assert_eq!(parsed.is_ok(), is_prefixed_id(&s, prefix, ulids), "{:?} as {}", s, prefix);
             if let Ok(shown) = parsed {
                 // ULIDs are case-insensitive: an id is kept in the lower case it is handed out in.
                 prop_assert_eq!(&shown, &s.to_ascii_lowercase());
@@ -78,7 +81,9 @@ proptest! {
             prop_assert_eq!(serde_json::from_str::<SubscriptionId>(&json).unwrap(), id);
         }
         if let Ok(id) = DeliveryId::parse(&s) {
-            prop_assert_eq!(DeliveryId::parse(&id.to_string()), Ok(id));
+            prop_assert_eq!(DeliveryId::parse(&id.to_string()), Ok(id.clone()));
+            let subscription = id.subscription_id();
+            prop_assert_eq!(DeliveryId::from_own_part(&subscription, id.own_part()), Ok(id));
         }
     }
 
@@ -88,13 +93,16 @@ proptest! {
         event in "[A-Za-z0-9._:-]{1,128}",
         sent_at in any::<u64>(),
         message_id in text(80),
+        received_ms in any::<i64>(),
     ) {
         let tenant = TenantId::parse(&tenant).unwrap();
         let event = EventId::parse(&event).unwrap();
         let subscription = SubscriptionId::generate();
-        let derived = DeliveryId::derive(&tenant, &event, &subscription);
+        let received = Timestamp::from_unix_millis(received_ms);
+        let derived = DeliveryId::derive(&tenant, &event, &subscription, received);
         prop_assert_eq!(DeliveryId::parse(derived.as_str()), Ok(derived.clone()));
-        prop_assert_eq!(DeliveryId::derive(&tenant, &event, &subscription), derived);
+        prop_assert_eq!(DeliveryId::derive(&tenant, &event, &subscription, received), derived.clone());
+        prop_assert_eq!(derived.subscription_id(), subscription);
         let from_message = EventId::for_message(sent_at, &message_id);
         prop_assert_eq!(EventId::parse(from_message.as_str()), Ok(from_message.clone()));
         prop_assert_eq!(EventId::for_message(sent_at, &message_id), from_message);

@@ -24,11 +24,12 @@ fn tenant_text() -> impl Strategy<Value = String> {
 }
 
 fn delivery_job() -> impl Strategy<Value = DeliveryJob> {
-    ("[a-z0-9_-]{1,64}", any::<u128>()).prop_map(|(tenant, n)| DeliveryJob {
+    ("[a-z0-9_-]{1,64}", any::<u128>(), any::<u128>()).prop_map(|(tenant, sub, own)| DeliveryJob {
         tenant_id: TenantId::parse(&tenant).unwrap(),
         delivery_id: DeliveryId::parse(&format!(
-            "dlv_{}",
-            ulid::Ulid(n).to_string().to_ascii_lowercase()
+            "dlv_{}{}",
+            ulid::Ulid(sub).to_string().to_ascii_lowercase(),
+            ulid::Ulid(own).to_string().to_ascii_lowercase()
         ))
         .unwrap(),
     })

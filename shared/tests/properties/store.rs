@@ -346,6 +346,7 @@ fn handed_out_cursors_page_through_every_delivery_once_newest_first() {
                 let d = Delivery::new(
                     tenant.clone(),
                     event,
+                    at,
                     s.id.clone(),
                     at,
                     Duration::ZERO,
