@@ -6,6 +6,10 @@ line, to $FAKE_LOG. Its behaviour depends on AWS_LAMBDA_FUNCTION_NAME:
   error; path /crash: exits).
 - tidings-deliver: per SQS record body: "fail…" is reported in batchItemFailures; "crash" and
   "hang" exit / sleep past the deadline on their first receive; anything else succeeds.
+  A DynamoDB stream event (Records[0].eventSource == "aws:dynamodb") is logged record by record;
+  by the new image's `behaviour` attribute: "fail" is reported in batchItemFailures (by its
+  SequenceNumber) every time, "fail-once" the first time only, "crash" exits the process the first
+  time it is seen; anything else succeeds.
 - tidings-sweep: logs the scheduled event.
 """
 
@@ -22,6 +26,30 @@ BASE = f"http://{API}/2018-06-01/runtime"
 def log(kind, value):
     with open(os.environ["FAKE_LOG"], "a") as f:
         f.write(json.dumps({"fn": NAME, "pid": os.getpid(), "kind": kind, "value": value}) + "\n")
+
+
+def first_sight(what):
+    """True the first time `what` is asked about, across processes (a marker file beside the log)."""
+    marker = os.environ["FAKE_LOG"] + ".seen-" + what
+    if os.path.exists(marker):
+        return False
+    open(marker, "w").close()
+    return True
+
+
+def stream_batch(event, meta):
+    failures = []
+    for record in event["Records"]:
+        change = record["dynamodb"]
+        seq = change["SequenceNumber"]
+        behaviour = change.get("NewImage", {}).get("behaviour", {}).get("S")
+        log("stream-record", {"pk": change["Keys"]["pk"]["S"], "seq": seq, "behaviour": behaviour,
+                              "record": record, "meta": meta})
+        if behaviour == "crash" and first_sight(seq):
+            os._exit(3)
+        if behaviour == "fail" or (behaviour == "fail-once" and first_sight(seq)):
+            failures.append({"itemIdentifier": seq})
+    return {"batchItemFailures": failures}
 
 
 def post(path, payload, headers=None):
@@ -61,6 +89,8 @@ while True:
             "body": json.dumps({"event": event, "meta": meta}),
             "isBase64Encoded": False,
         }
+    elif NAME == "tidings-deliver" and event["Records"][0].get("eventSource") == "aws:dynamodb":
+        answer = stream_batch(event, meta)
     elif NAME == "tidings-deliver":
         failures = []
         for record in event["Records"]:

@@ -4,6 +4,9 @@
 //! - API Gateway HTTP API (payload 2.0) in front of `tidings-api` ([`apigw`], [`server`]).
 //! - SQS event source mappings (events and deliveries queues → `tidings-deliver`) with partial
 //!   batch failures ([`sqs`]); the emulator's redrive policy moves poison messages to the DLQs.
+//! - A DynamoDB Streams event source mapping (the table's stream → `tidings-deliver`) with filter
+//!   criteria, partial batch failures, retries and an on-failure queue ([`streams`]), when the
+//!   fan-out is started by the stream (`--fan-out stream`).
 //! - An EventBridge schedule invoking `tidings-sweep` ([`schedule`]).
 //!
 //! DynamoDB and SQS themselves come from an emulator (moto server) at `AWS_ENDPOINT_URL`; the
@@ -20,6 +23,7 @@ pub mod server;
 pub mod sqs;
 #[cfg(test)]
 mod stand_in_tests;
+pub mod streams;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -42,10 +46,31 @@ use self::resources::Resources;
 use self::runtime::{Function, FunctionSpec, InstanceStats};
 use self::schedule::Schedule;
 use self::sqs::{EventSourceMapping, MappingStats};
+use self::streams::{StreamMapping, StreamStats};
 
 pub const API: &str = "tidings-api";
 pub const DELIVER: &str = "tidings-deliver";
 pub const SWEEP: &str = "tidings-sweep";
+
+/// What starts an event's fan-out on AWS (the functions learn it from `TIDINGS_FAN_OUT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FanOut {
+    /// The table's change stream: a new event item reaches `tidings-deliver` through the
+    /// DynamoDB Streams event source mapping.
+    Stream,
+    /// A fan-out job the API sends through the deliveries queue (no stream mapping).
+    Queue,
+}
+
+impl FanOut {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stream => "stream",
+            Self::Queue => "queue",
+        }
+    }
+}
 
 /// Command line (and in-process) configuration.
 #[derive(Debug, Clone, clap::Parser)]
@@ -53,7 +78,8 @@ pub const SWEEP: &str = "tidings-sweep";
     name = "tidings-aws-local",
     version,
     about = "Runs the built Tidings Lambda functions locally: Lambda runtime API, API Gateway (HTTP API), \
-             SQS event source mappings and the sweep schedule, against an AWS emulator at AWS_ENDPOINT_URL"
+             SQS and DynamoDB stream event source mappings and the sweep schedule, against an AWS emulator \
+             at AWS_ENDPOINT_URL"
 )]
 pub struct Config {
     /// Address of the API Gateway side and the admin endpoints (`/_aws_local/…`); port 0 picks one.
@@ -76,6 +102,22 @@ pub struct Config {
     /// Receives before the queue moves a message to its DLQ.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max_receive_count: u32,
+    /// What starts an event's fan-out: `stream` (the table's stream, through a DynamoDB Streams
+    /// event source mapping) or `queue` (a job on the deliveries queue; no stream mapping).
+    /// Passed to the functions as TIDINGS_FAN_OUT.
+    #[arg(long, value_enum, default_value_t = FanOut::Stream)]
+    pub fan_out: FanOut,
+    /// Most records per DynamoDB stream batch (`BatchSize`, 1–10000).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub stream_batch_size: u32,
+    /// How long the stream mapping gathers records before invoking
+    /// (`MaximumBatchingWindowInSeconds`; `0s`: as soon as there are any).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub stream_batching_window: Duration,
+    /// Retries of a failed stream batch before it is given up to the fan-out DLQ
+    /// (`MaximumRetryAttempts`, 0–10000; -1: never given up).
+    #[arg(long, default_value_t = 10, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1..=10_000))]
+    pub stream_max_retries: i32,
     /// How often `tidings-sweep` runs (`0s`: never on its own; `POST /_aws_local/sweep` still works).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub sweep_interval: Duration,
@@ -130,6 +172,9 @@ impl Config {
         }
         if resources::whole_seconds(self.visibility_timeout) > 43_200 {
             bail!("--visibility-timeout is at most 12h");
+        }
+        if self.stream_batching_window > Duration::from_secs(300) {
+            bail!("--stream-batching-window is at most 5m (as MaximumBatchingWindowInSeconds)");
         }
         if let Some(prefix) = &self.prefix {
             validate_prefix(prefix)?;
@@ -216,6 +261,7 @@ pub fn function_env(
     extra: &[(String, String)],
     resources: &Resources,
     region: &str,
+    fan_out: FanOut,
 ) -> Vec<(String, String)> {
     let mut env: BTreeMap<String, String> = own.into_iter().filter(|(k, _)| inherited(k)).collect();
     env.extend(extra.iter().cloned());
@@ -226,6 +272,7 @@ pub fn function_env(
         "TIDINGS_DELIVERIES_QUEUE_URL".into(),
         resources.deliveries.url.clone(),
     );
+    env.insert("TIDINGS_FAN_OUT".into(), fan_out.as_str().into());
     env.into_iter().collect()
 }
 
@@ -248,6 +295,11 @@ pub struct Info {
     pub table_name: String,
     pub events_dlq_url: String,
     pub deliveries_dlq_url: String,
+    /// Where the stream mapping sends the failure records of batches it gave up.
+    pub fan_out_dlq_url: String,
+    /// The table's change stream.
+    pub stream_arn: Option<String>,
+    pub fan_out: FanOut,
     pub admin_url: String,
     pub prefix: String,
     pub region: String,
@@ -334,7 +386,7 @@ impl AwsLocal {
         }
         let own = std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
-        let mut env = function_env(own, &config.env, &resources, &region);
+        let mut env = function_env(own, &config.env, &resources, &region, config.fan_out);
         // As the template does: the functions learn the deliver function's timeout (its lease
         // outlives it; see AwsSettings).
         env.push((
@@ -382,6 +434,35 @@ impl AwsLocal {
         for mapping in &mappings {
             tasks.push(tokio::spawn(Arc::clone(mapping).run(stop.clone())));
         }
+        let stream_mappings: Vec<Arc<StreamMapping>> = match config.fan_out {
+            FanOut::Queue => Vec::new(),
+            FanOut::Stream => {
+                let stream_arn = resources.stream_arn.clone().with_context(|| {
+                    format!(
+                        "table {} has no change stream, which --fan-out stream needs (use a new --prefix, or --fan-out queue)",
+                        resources.table
+                    )
+                })?;
+                vec![Arc::new(StreamMapping {
+                    // Straight to the emulator: Lambda's stream polling is not billed.
+                    client: aws_sdk_dynamodbstreams::Client::new(&sdk),
+                    sqs: mapping_sqs.clone(),
+                    stream_arn,
+                    region: region.clone(),
+                    on_failure_queue_url: resources.fan_out_dlq.url.clone(),
+                    batch_size: config.stream_batch_size as usize,
+                    batching_window: config.stream_batching_window,
+                    max_retries: u32::try_from(config.stream_max_retries).ok(),
+                    filters: vec![streams::fan_out_filter()],
+                    function: Arc::clone(&deliver),
+                    concurrency: Arc::clone(&concurrency),
+                    stats: Arc::new(StreamStats::default()),
+                })]
+            }
+        };
+        for mapping in &stream_mappings {
+            tasks.push(tokio::spawn(Arc::clone(mapping).run(stop.clone())));
+        }
 
         let schedule = Arc::new(Schedule {
             function: Arc::clone(&sweep),
@@ -402,6 +483,9 @@ impl AwsLocal {
             table_name: resources.table.clone(),
             events_dlq_url: resources.events_dlq.url.clone(),
             deliveries_dlq_url: resources.deliveries_dlq.url.clone(),
+            fan_out_dlq_url: resources.fan_out_dlq.url.clone(),
+            stream_arn: resources.stream_arn.clone(),
+            fan_out: config.fan_out,
             admin_url: format!("{base}/_aws_local"),
             prefix: prefix.clone(),
             region: region.clone(),
@@ -416,6 +500,7 @@ impl AwsLocal {
             functions: vec![Arc::clone(&api), deliver, sweep],
             api,
             mappings,
+            stream_mappings,
             sweep: schedule,
             meter,
         });
@@ -452,6 +537,15 @@ impl AwsLocal {
             .iter()
             .find(|f| f.name() == name)
             .cloned()
+    }
+
+    /// The stream mappings' counters (what `GET /_aws_local/streams` serves).
+    pub fn stream_stats(&self) -> Vec<streams::StreamSnapshot> {
+        self.shared
+            .stream_mappings
+            .iter()
+            .map(|m| m.snapshot())
+            .collect()
     }
 
     /// The DynamoDB and SQS usage meter (what `GET /_aws_local/meter` serves).
@@ -558,6 +652,8 @@ mod tests {
             events_dlq: queue("p-events-dlq"),
             deliveries: queue("p-deliveries"),
             deliveries_dlq: queue("p-deliveries-dlq"),
+            fan_out_dlq: queue("p-fan-out-dlq"),
+            stream_arn: None,
         }
     }
 
@@ -574,10 +670,15 @@ mod tests {
             ("CARGO_HOME", "/x"),
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned()));
-        let extra = [("TIDINGS_SWEEP_GRACE".to_owned(), "2s".to_owned())];
-        let env: BTreeMap<_, _> = function_env(own, &extra, &resources(), "eu-west-1")
-            .into_iter()
-            .collect();
+        let extra = [
+            ("TIDINGS_SWEEP_GRACE".to_owned(), "2s".to_owned()),
+            // The stand-in decides the fan-out: --fan-out, not --env.
+            ("TIDINGS_FAN_OUT".to_owned(), "queue".to_owned()),
+        ];
+        let env: BTreeMap<_, _> =
+            function_env(own, &extra, &resources(), "eu-west-1", FanOut::Stream)
+                .into_iter()
+                .collect();
         assert_eq!(env["PATH"], "/usr/bin");
         assert_eq!(env["TIDINGS_RETRY_SCHEDULE"], "0s,1s");
         assert_eq!(env["TIDINGS_SWEEP_GRACE"], "2s");
@@ -589,6 +690,9 @@ mod tests {
         assert_eq!(env["AWS_ENDPOINT_URL"], "http://127.0.0.1:5555");
         assert_eq!(env["AWS_REGION"], "eu-west-1");
         assert_eq!(env["AWS_ACCESS_KEY_ID"], "test");
+        assert_eq!(env["TIDINGS_FAN_OUT"], "stream");
+        let queued = function_env([], &[], &resources(), "eu-west-1", FanOut::Queue);
+        assert!(queued.contains(&("TIDINGS_FAN_OUT".to_owned(), "queue".to_owned())));
         for absent in ["HOME", "CARGO_HOME", "AWS_LAMBDA_RUNTIME_API"] {
             assert!(!env.contains_key(absent), "{absent}");
         }
@@ -620,6 +724,10 @@ mod tests {
         assert_eq!(config.sweep_interval, Duration::from_secs(60));
         assert_eq!(config.function_timeout, Duration::from_secs(30));
         assert_eq!(config.deliver_instances, 2);
+        assert_eq!(config.fan_out, FanOut::Stream);
+        assert_eq!(config.stream_batch_size, 100);
+        assert_eq!(config.stream_batching_window, Duration::ZERO);
+        assert_eq!(config.stream_max_retries, 10);
         config.validate().unwrap();
 
         let config = <Config as clap::Parser>::try_parse_from([
@@ -638,8 +746,20 @@ mod tests {
             "TIDINGS_RETRY_SCHEDULE=0s,1s",
             "--prefix",
             "t-1_",
+            "--fan-out",
+            "queue",
+            "--stream-batch-size",
+            "5",
+            "--stream-batching-window",
+            "500ms",
+            "--stream-max-retries",
+            "-1",
         ])
         .unwrap();
+        assert_eq!(config.fan_out, FanOut::Queue);
+        assert_eq!(config.stream_batch_size, 5);
+        assert_eq!(config.stream_batching_window, Duration::from_millis(500));
+        assert_eq!(config.stream_max_retries, -1);
         assert_eq!(config.visibility_timeout, Duration::from_secs(5));
         assert_eq!(config.function_timeout, Duration::from_millis(2500));
         assert_eq!(
@@ -662,6 +782,21 @@ mod tests {
             <Config as clap::Parser>::try_parse_from(["x", "--bin-dir", "d", "--env", "NOVALUE"])
                 .is_err()
         );
+        for bad in [
+            ["--fan-out", "kinesis"],
+            ["--stream-batch-size", "0"],
+            ["--stream-batch-size", "10001"],
+            ["--stream-max-retries", "-2"],
+        ] {
+            let args = ["x", "--bin-dir", "d", bad[0], bad[1]];
+            assert!(
+                <Config as clap::Parser>::try_parse_from(args).is_err(),
+                "{bad:?}"
+            );
+        }
+        let mut bad = config.clone();
+        bad.stream_batching_window = Duration::from_secs(301);
+        assert!(bad.validate().is_err());
     }
 
     #[test]

@@ -17,6 +17,11 @@ pub struct Resources {
     pub events_dlq: Queue,
     pub deliveries: Queue,
     pub deliveries_dlq: Queue,
+    /// The DynamoDB stream mapping's on-failure destination (records of given-up batches).
+    pub fan_out_dlq: Queue,
+    /// The table's change stream (`LatestStreamArn`), if it has one (a table created by this
+    /// stand-in does; one reused from elsewhere may not).
+    pub stream_arn: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -27,17 +32,19 @@ pub struct Queue {
 }
 
 impl Resources {
-    pub fn names(prefix: &str) -> [String; 5] {
+    pub fn names(prefix: &str) -> [String; 6] {
         [
             format!("{prefix}table"),
             format!("{prefix}events"),
             format!("{prefix}events-dlq"),
             format!("{prefix}deliveries"),
             format!("{prefix}deliveries-dlq"),
+            format!("{prefix}fan-out-dlq"),
         ]
     }
 
-    /// Creates the table and the four queues (each main queue redrives to its DLQ).
+    /// Creates the table (with its change stream) and the five queues (each main queue redrives
+    /// to its DLQ; `fan-out-dlq` receives the stream mapping's failure records).
     pub async fn create(
         dynamo: &aws_sdk_dynamodb::Client,
         sqs: &aws_sdk_sqs::Client,
@@ -45,10 +52,36 @@ impl Resources {
         visibility_timeout: Duration,
         max_receive_count: u32,
     ) -> anyhow::Result<Self> {
-        let [table, events, events_dlq, deliveries, deliveries_dlq] = Self::names(prefix);
+        let [
+            table,
+            events,
+            events_dlq,
+            deliveries,
+            deliveries_dlq,
+            fan_out_dlq,
+        ] = Self::names(prefix);
         DynamoStore::create_table(dynamo, &table)
             .await
             .with_context(|| format!("creating DynamoDB table {table}"))?;
+        let stream_arn = dynamo
+            .describe_table()
+            .table_name(&table)
+            .send()
+            .await
+            .map_err(|e| {
+                anyhow!(
+                    "describing DynamoDB table {table}: {}",
+                    aws_sdk_dynamodb::error::DisplayErrorContext(&e)
+                )
+            })?
+            .table
+            .filter(|t| {
+                t.stream_specification
+                    .as_ref()
+                    .is_some_and(|s| s.stream_enabled)
+            })
+            .and_then(|t| t.latest_stream_arn);
+        let fan_out_dlq = create_queue(sqs, &fan_out_dlq, dlq_attributes()).await?;
         let events_dlq = create_queue(sqs, &events_dlq, dlq_attributes()).await?;
         let deliveries_dlq = create_queue(sqs, &deliveries_dlq, dlq_attributes()).await?;
         let events = create_queue(
@@ -69,6 +102,8 @@ impl Resources {
             events_dlq,
             deliveries,
             deliveries_dlq,
+            fan_out_dlq,
+            stream_arn,
         })
     }
 
@@ -90,6 +125,7 @@ impl Resources {
             &self.deliveries,
             &self.events_dlq,
             &self.deliveries_dlq,
+            &self.fan_out_dlq,
         ] {
             if let Err(error) = sqs.delete_queue().queue_url(&queue.url).send().await {
                 tracing::warn!(queue = %queue.name, error = %DisplayErrorContext(&error), "DeleteQueue failed");

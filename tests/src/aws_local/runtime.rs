@@ -166,6 +166,11 @@ impl Function {
         self.spec.timeout
     }
 
+    /// `arn:aws:lambda:{region}:{account}:function:{name}`.
+    pub fn arn(&self) -> &str {
+        &self.spec.arn
+    }
+
     /// Invokes the function with `event` and waits for its response, at most `give_up_after`
     /// (queueing for a free environment included).
     pub async fn invoke(&self, event: impl Into<Bytes>, give_up_after: Duration) -> InvokeResult {

@@ -21,6 +21,7 @@ use super::meter::Meter;
 use super::runtime::{Function, InvokeError};
 use super::schedule::Schedule;
 use super::sqs::EventSourceMapping;
+use super::streams::StreamMapping;
 
 /// API Gateway's payload limit for HTTP APIs.
 const MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
@@ -37,6 +38,7 @@ pub struct Shared {
     pub api: Arc<Function>,
     pub functions: Vec<Arc<Function>>,
     pub mappings: Vec<Arc<EventSourceMapping>>,
+    pub stream_mappings: Vec<Arc<StreamMapping>>,
     pub sweep: Arc<Schedule>,
     pub meter: Arc<Meter>,
 }
@@ -48,6 +50,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/functions/{name}/kill", post(kill_all))
         .route("/functions/{name}/{instance}/kill", post(kill_one))
         .route("/queues", get(queues))
+        .route("/streams", get(streams))
         .route("/sweep", post(sweep))
         .route("/meter", get(meter))
         .route("/meter/reset", post(reset_meter))
@@ -147,6 +150,15 @@ async fn kill_one(
 
 async fn queues(State(shared): State<Arc<Shared>>) -> Response {
     let rows: Vec<_> = shared.mappings.iter().map(|m| m.snapshot()).collect();
+    axum::Json(rows).into_response()
+}
+
+async fn streams(State(shared): State<Arc<Shared>>) -> Response {
+    let rows: Vec<_> = shared
+        .stream_mappings
+        .iter()
+        .map(|m| m.snapshot())
+        .collect();
     axum::Json(rows).into_response()
 }
 

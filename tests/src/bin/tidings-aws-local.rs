@@ -1,7 +1,7 @@
 //! `tidings-aws-local`: runs the built Tidings Lambda functions on this machine as AWS would
-//! (Lambda runtime API, API Gateway, SQS event source mappings, the sweep schedule) against an
-//! AWS emulator at `AWS_ENDPOINT_URL`. Prints one JSON line with the addresses, runs until
-//! SIGINT or SIGTERM. See docs/aws-local.md.
+//! (Lambda runtime API, API Gateway, SQS and DynamoDB stream event source mappings, the sweep
+//! schedule) against an AWS emulator at `AWS_ENDPOINT_URL`. Prints one JSON line with the
+//! addresses, runs until SIGINT or SIGTERM. See docs/aws-local.md.
 
 use std::io::Write as _;
 use std::process::ExitCode;
