@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tidings_core::app::{App, AppConfig, PublishRequest};
 use tidings_core::aws::dynamo::DynamoStore;
-use tidings_core::domain::{EventType, TenantId};
-use tidings_core::ports::{DeliveryQueue, Job, QueueError, SystemClock};
+use tidings_core::domain::{EventId, EventType, TenantId};
+use tidings_core::ports::{DeliveryQueue, Job, QueueError, Store as _, SystemClock};
 use tidings_tests::aws_local::meter::{EVENT_SOURCE_MAPPING, Usage, service_total};
 use tidings_tests::aws_local::{API, DELIVER, SWEEP};
 use tidings_tests::{ApiClient, Reply, TestReceiver, binary_path, eventually};
@@ -233,6 +233,64 @@ async fn api_subscribe_and_publish_deliver_a_signed_webhook() {
             .status,
         401
     );
+}
+
+/// The two ways a published event's fan-out starts on AWS: the table's stream (the template's
+/// choice, and the stand-in's default) sends nothing through a queue and leaves nothing owed in
+/// the table; `TIDINGS_FAN_OUT=queue` (a table without a stream) sends one fan-out job and keeps
+/// the event owed until it is done. Both deliver, once.
+#[tokio::test]
+async fn a_published_event_is_fanned_out_by_the_stream_or_by_a_queued_job() {
+    for mode in ["stream", "queue"] {
+        let aws = AwsLocal::start_with(&["--sweep-interval", "0s", "--fan-out", mode]).await;
+        let receiver = TestReceiver::start().await;
+        let sub = aws.api.subscribe(&receiver.url("/f"), &["order.*"]).await;
+        let reset = aws.api.post("/_aws_local/meter/reset", &json!({})).await;
+        assert_eq!(reset.status, 204);
+        let event_id = aws.api.publish("order.paid", json!({"mode": mode})).await;
+        let got = receiver.wait_for("/f", 1, WAIT).await;
+        assert_eq!(got[0].json()["eventId"], event_id.as_str(), "{mode}");
+        first_delivery_succeeded(&aws.api, &sub).await;
+        let usage = aws.meter().await;
+        let jobs = service_total(&usage, "sqs", &[API, DELIVER, SWEEP]).messages;
+        let streams = aws.api.get("/_aws_local/streams").await.body;
+        let streamed: u64 = streams
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["records"].as_u64().unwrap())
+            .sum();
+        let owed = aws
+            .app
+            .store
+            .get_event_for_fan_out(
+                &TenantId::parse("t1").unwrap(),
+                &EventId::parse(&event_id).unwrap(),
+            )
+            .await
+            .unwrap()
+            .unwrap()
+            .1;
+        match mode {
+            "stream" => {
+                assert_eq!(
+                    (jobs, streamed),
+                    (0, 1),
+                    "the stream brought it, no queue message"
+                );
+            }
+            _ => {
+                assert_eq!(
+                    (jobs, streamed),
+                    (1, 0),
+                    "one fan-out job, no stream mapping"
+                );
+            }
+        }
+        assert_eq!(owed, None, "{mode}: nothing left owed");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(receiver.received_on("/f").len(), 1, "{mode}: once");
+    }
 }
 
 #[tokio::test]
@@ -673,15 +731,35 @@ impl AwsLocal {
         serde_json::from_value(r.body).expect("the meter's JSON")
     }
 
-    /// Resets the meter, runs `publish`, and returns the meter's counts once the event source
-    /// mapping deleted every message: the `producer_messages` sent straight to the events queue
-    /// (fanned out where they are received, so they may send no job at all) plus every job
-    /// message the functions sent.
-    async fn measure(&self, producer_messages: u64, publish: impl AsyncFnOnce()) -> Usage {
+    /// The stream mapping's invocations of `deliver` since start.
+    async fn stream_batches(&self) -> u64 {
+        let r = self.api.get("/_aws_local/streams").await;
+        assert_eq!(r.status, 200);
+        r.body
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["batches"].as_u64().unwrap())
+            .sum()
+    }
+
+    /// Resets the meter, runs `publish`, and returns the meter's counts and the stream mapping's
+    /// invocations once `arrived` says the receivers got what they should, the event source
+    /// mappings deleted every message the functions sent plus the `producer_messages` sent
+    /// straight to the events queue, and the meter stood still for a moment (a delivery is
+    /// written after its POST is answered).
+    async fn measure(
+        &self,
+        producer_messages: u64,
+        arrived: impl Fn() -> bool,
+        publish: impl AsyncFnOnce(),
+    ) -> (Usage, u64) {
         let reset = self.api.post("/_aws_local/meter/reset", &json!({})).await;
         assert_eq!(reset.status, 204);
+        let batches_before = self.stream_batches().await;
         publish().await;
         let deadline = tokio::time::Instant::now() + WAIT;
+        let mut last: Option<Value> = None;
         loop {
             let usage = self.meter().await;
             // The functions only send: their SQS messages are the jobs they sent.
@@ -690,14 +768,17 @@ impl AwsLocal {
                 .get(EVENT_SOURCE_MAPPING)
                 .and_then(|ops| ops.get("sqs.DeleteMessageBatch"))
                 .map_or(0, |u| u.messages);
-            if sent + producer_messages > 0 && deleted >= sent + producer_messages {
-                return usage;
+            let raw = serde_json::to_value(&usage).unwrap();
+            if arrived() && deleted >= sent + producer_messages && last.as_ref() == Some(&raw) {
+                let batches = self.stream_batches().await - batches_before;
+                return (usage, batches);
             }
+            last = Some(raw);
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "messages were not all processed within {WAIT:?}: {usage:#?}"
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
 }
@@ -714,19 +795,22 @@ const API_GB_SECONDS: f64 = 0.010 * 0.25;
 const DELIVER_GB_SECONDS: f64 = 0.050 * 0.5;
 const DOLLARS_PER_MILLION_API_GATEWAY_REQUESTS: f64 = 1.00;
 
-/// The figures of one stretch of `n` deliveries, `api_requests` of them through API Gateway.
-fn cost_figures(usage: &Usage, n: usize, api_requests: usize) -> Value {
+/// The figures of one stretch of `n` deliveries, `api_requests` of them through API Gateway,
+/// with the stream mapping's `stream_batches` invocations of `deliver`.
+fn cost_figures((usage, stream_batches): &(Usage, u64), n: usize, api_requests: usize) -> Value {
     let functions = [API, DELIVER, SWEEP];
     let per = |x: f64| (x / n as f64 * 100.0).round() / 100.0;
     let dynamo = service_total(usage, "dynamodb", &functions);
     let sqs = service_total(usage, "sqs", &functions);
     let mapping = service_total(usage, "sqs", &[EVENT_SOURCE_MAPPING]);
     let mapping_requests = mapping.calls - mapping.empty_receives;
-    // Each receive that returned messages is one batch: one invocation of `deliver`.
+    // Each receive that returned messages is one batch: one invocation of `deliver`; so is each
+    // batch of the table's stream.
     let batches = usage
         .get(EVENT_SOURCE_MAPPING)
         .and_then(|ops| ops.get("sqs.ReceiveMessage"))
-        .map_or(0, |u| u.calls - u.empty_receives);
+        .map_or(0, |u| u.calls - u.empty_receives)
+        + stream_batches;
     let mut by_operation = serde_json::Map::new();
     for caller in functions {
         for (op, u) in usage.get(caller).into_iter().flatten() {
@@ -792,20 +876,28 @@ async fn the_cost_of_a_delivery_is_measured_on_the_wire() {
         .await;
 
     let first = aws
-        .measure(0, async || {
-            for i in 0..N {
-                aws.api.publish("cost.ok", json!({ "n": i })).await;
-            }
-        })
+        .measure(
+            0,
+            || ok.received_on("/ok").len() >= N,
+            async || {
+                for i in 0..N {
+                    aws.api.publish("cost.ok", json!({ "n": i })).await;
+                }
+            },
+        )
         .await;
     assert_eq!(ok.received_on("/ok").len(), N, "one request per event");
 
     let retried = aws
-        .measure(0, async || {
-            for i in 0..N {
-                aws.api.publish("cost.retry", json!({ "n": i })).await;
-            }
-        })
+        .measure(
+            0,
+            || flaky.received_on("/flaky").len() >= 2 * N,
+            async || {
+                for i in 0..N {
+                    aws.api.publish("cost.retry", json!({ "n": i })).await;
+                }
+            },
+        )
         .await;
     assert_eq!(
         flaky.received_on("/flaky").len(),
@@ -814,27 +906,33 @@ async fn the_cost_of_a_delivery_is_measured_on_the_wire() {
     );
 
     let queued = aws
-        .measure(N as u64, async || {
-            let entries: Vec<_> = (0..N)
-                .map(|i| {
-                    aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .message_body(json!({"eventType": "cost.ok", "data": {"n": i}}).to_string())
-                        .message_attributes("tenant", attr("t1"))
-                        .build()
-                        .unwrap()
-                })
-                .collect();
-            for chunk in entries.chunks(10) {
-                aws.sqs
-                    .send_message_batch()
-                    .queue_url(aws.url("eventsQueueUrl"))
-                    .set_entries(Some(chunk.to_vec()))
-                    .send()
-                    .await
-                    .unwrap();
-            }
-        })
+        .measure(
+            N as u64,
+            || ok.received_on("/ok").len() >= 2 * N,
+            async || {
+                let entries: Vec<_> = (0..N)
+                    .map(|i| {
+                        aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+                            .id(i.to_string())
+                            .message_body(
+                                json!({"eventType": "cost.ok", "data": {"n": i}}).to_string(),
+                            )
+                            .message_attributes("tenant", attr("t1"))
+                            .build()
+                            .unwrap()
+                    })
+                    .collect();
+                for chunk in entries.chunks(10) {
+                    aws.sqs
+                        .send_message_batch()
+                        .queue_url(aws.url("eventsQueueUrl"))
+                        .set_entries(Some(chunk.to_vec()))
+                        .send()
+                        .await
+                        .unwrap();
+                }
+            },
+        )
         .await;
     assert_eq!(
         ok.received_on("/ok").len(),
@@ -866,23 +964,27 @@ async fn the_cost_of_a_delivery_is_measured_on_the_wire() {
 
     // One `POST /events/batch` of N events: API Gateway and the api function once, not N times.
     let batched = aws
-        .measure(0, async || {
-            let events: Vec<_> = (0..N)
-                .map(|i| json!({"eventType": "cost.ok", "data": {"n": i}}))
-                .collect();
-            let r = aws
-                .api
-                .post("/events/batch", &json!({ "events": events }))
-                .await;
-            assert_eq!(r.status, 202, "{:?}", r.body);
-            assert!(
-                r.body["results"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .all(|r| r["status"] == 202)
-            );
-        })
+        .measure(
+            0,
+            || ok.received_on("/ok").len() >= 3 * N,
+            async || {
+                let events: Vec<_> = (0..N)
+                    .map(|i| json!({"eventType": "cost.ok", "data": {"n": i}}))
+                    .collect();
+                let r = aws
+                    .api
+                    .post("/events/batch", &json!({ "events": events }))
+                    .await;
+                assert_eq!(r.status, 202, "{:?}", r.body);
+                assert!(
+                    r.body["results"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .all(|r| r["status"] == 202)
+                );
+            },
+        )
         .await;
     assert_eq!(
         ok.received_on("/ok").len(),
@@ -908,11 +1010,11 @@ async fn the_cost_of_a_delivery_is_measured_on_the_wire() {
     // per delivery fails here. The half unit of slack absorbs the rare SQS duplicate or cold
     // function (a re-received message costs a read or a failed condition); calls count without
     // the emulator's retried errors.
-    for (name, usage, calls, write_units, read_units) in [
-        ("first attempt", &first, 6.0, 6.5, 1.75),
-        ("retried once", &retried, 11.0, 10.5, 4.25),
-        ("via the events queue", &queued, 4.6, 6.5, 1.0),
-        ("batch publish", &batched, 4.7, 6.5, 1.0),
+    for (name, (usage, _), calls, write_units, read_units) in [
+        ("first attempt", &first, 3.6, 2.5, 1.0),
+        ("retried once", &retried, 9.0, 6.5, 3.5),
+        ("via the events queue", &queued, 2.6, 2.5, 0.5),
+        ("batch publish", &batched, 2.6, 2.5, 0.5),
     ] {
         let d = service_total(usage, "dynamodb", &[API, DELIVER, SWEEP]);
         let per = |x: f64| x / N as f64;
@@ -930,7 +1032,7 @@ async fn the_cost_of_a_delivery_is_measured_on_the_wire() {
     }
     // Events from the queue are fanned out where they are received: their first attempts take
     // no trip through the deliveries queue.
-    let job_requests = service_total(&queued, "sqs", &[DELIVER]).calls as f64 / N as f64;
+    let job_requests = service_total(&queued.0, "sqs", &[DELIVER]).calls as f64 / N as f64;
     assert!(
         job_requests <= 0.1,
         "SQS requests of deliver per queued event: {job_requests}"
@@ -938,6 +1040,7 @@ async fn the_cost_of_a_delivery_is_measured_on_the_wire() {
     // Fan-out of events from the queue reads the tenant's subscriptions once per received
     // batch, not once per event (docs/scaling.md: the one access on a tenant's partition).
     let subscription_reads = queued
+        .0
         .get(DELIVER)
         .and_then(|ops| ops.get("dynamodb.Query"))
         .map_or(0, |u| u.calls) as f64
@@ -946,8 +1049,9 @@ async fn the_cost_of_a_delivery_is_measured_on_the_wire() {
         subscription_reads <= 0.6,
         "subscription reads of deliver per queued event: {subscription_reads}"
     );
-    // Every event's fan-out was enqueued once, and a retry once more, never more.
+    // The table's stream starts a published event's fan-out: no queue message for it. A retry
+    // is one queue message, never more.
     let sent = |usage: &Usage| service_total(usage, "sqs", &[API, DELIVER, SWEEP]).messages;
-    assert_eq!(sent(&first), N as u64);
-    assert_eq!(sent(&retried), 2 * N as u64);
+    assert_eq!(sent(&first.0), 0);
+    assert_eq!(sent(&retried.0), N as u64);
 }

@@ -520,6 +520,7 @@ fn item(name: &str, attributes: &[(&str, &str)]) -> HashMap<String, AttributeVal
         .map(|(k, v)| ((*k).to_owned(), AttributeValue::S((*v).to_owned())))
         .collect();
     item.insert("pk".into(), AttributeValue::S(format!("T#t#EVT#{name}")));
+    item.insert("sk".into(), AttributeValue::S("-".into()));
     item
 }
 
@@ -629,6 +630,7 @@ async fn the_stream_brings_each_new_fanned_out_item_once_and_filters_the_rest() 
         .update_item()
         .table_name(table)
         .key("pk", AttributeValue::S("T#t#EVT#put".into()))
+        .key("sk", AttributeValue::S("-".into()))
         .update_expression("SET touched = :t")
         .expression_attribute_values(":t", AttributeValue::S("yes".into()))
         .send()
@@ -702,10 +704,13 @@ async fn the_stream_brings_each_new_fanned_out_item_once_and_filters_the_rest() 
     assert_eq!(record["eventSourceARN"], stream_arn.as_str());
     assert_eq!(record["awsRegion"], info.region.as_str());
     let change = &record["dynamodb"];
-    assert_eq!(change["Keys"], json!({"pk": {"S": "T#t#EVT#transact"}}));
+    assert_eq!(
+        change["Keys"],
+        json!({"pk": {"S": "T#t#EVT#transact"}, "sk": {"S": "-"}})
+    );
     assert_eq!(
         change["NewImage"],
-        json!({"pk": {"S": "T#t#EVT#transact"}, "fan_out": {"S": "stream"}})
+        json!({"pk": {"S": "T#t#EVT#transact"}, "sk": {"S": "-"}, "fan_out": {"S": "stream"}})
     );
     assert_eq!(change["StreamViewType"], "NEW_IMAGE");
     assert!(change["ApproximateCreationDateTime"].is_i64(), "{change}");
