@@ -623,21 +623,24 @@ async fn a_malformed_record_ends_in_the_dlq_and_the_rest_of_the_batch_succeeds()
         .sqs
         .send_message_batch()
         .queue_url(aws.url("eventsQueueUrl"));
-    for i in 0..5 {
+    for i in 0..6 {
         let body = if i == 2 {
             "{this is not json".to_owned()
         } else {
             json!({"eventType": "batch.item", "eventId": format!("batch-{i}"), "data": i})
                 .to_string()
         };
-        batch = batch.entries(
-            aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
-                .id(format!("m{i}"))
-                .message_body(body)
-                .message_attributes("tenant", tenant.clone())
-                .build()
-                .unwrap(),
-        );
+        let mut entry = aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+            .id(format!("m{i}"))
+            .message_body(body)
+            .message_attributes("tenant", tenant.clone());
+        if i == 5 {
+            // A producer posing as Tidings: a job is taken from the deliveries queue only.
+            entry = entry
+                .message_body(json!({"tenantId": "t2", "eventId": "someone-elses"}).to_string())
+                .message_attributes("tidings-kind", attr("fan-out"));
+        }
+        batch = batch.entries(entry.build().unwrap());
     }
     batch.send().await.unwrap();
     let got = receiver.wait_for("/batch", 4, WAIT).await;
@@ -651,19 +654,28 @@ async fn a_malformed_record_ends_in_the_dlq_and_the_rest_of_the_batch_succeeds()
     );
     let dlq = aws.url("eventsDlqUrl");
     eventually(
-        "the malformed record is in the events DLQ",
+        "the malformed record and the job are in the events DLQ",
         WAIT,
-        || async { aws.queue_depth(&dlq).await == 1 },
+        || async { aws.queue_depth(&dlq).await == 2 },
     )
     .await;
     let moved = aws
         .sqs
         .receive_message()
         .queue_url(&dlq)
+        .max_number_of_messages(10)
         .send()
         .await
         .unwrap();
-    assert_eq!(moved.messages()[0].body(), Some("{this is not json"));
+    let mut bodies: Vec<&str> = moved.messages().iter().filter_map(|m| m.body()).collect();
+    bodies.sort();
+    assert_eq!(
+        bodies,
+        [
+            r#"{"eventId":"someone-elses","tenantId":"t2"}"#,
+            "{this is not json",
+        ]
+    );
 }
 
 #[tokio::test]

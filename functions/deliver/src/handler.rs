@@ -8,6 +8,7 @@ use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
 use serde_json::Value;
 use tidings_core::app::App;
+use tidings_core::aws::sqs::arn_is_queue_url;
 use tidings_core::aws::{NewEventRecord, QueueMessage, process_messages, process_stream_records};
 use tidings_core::domain::Timestamp;
 use tidings_core::ports::{Clock, DeliveryQueue, Store};
@@ -23,11 +24,13 @@ fn is_stream_event(payload: &Value) -> bool {
 
 /// Handles a batch from either trigger: the queues (SQS) or the table's stream (DynamoDB).
 /// `Err`: the payload is neither (the invocation fails, and the event source retries it).
+/// `jobs_queue_url`: the deliveries queue, the only one whose records may be jobs.
 pub async fn handle_any<S: Store, Q: DeliveryQueue, C: Clock, H: HttpSender>(
     app: &App<S, Q, C>,
     sender: &H,
     concurrency: usize,
     deadline: Option<Timestamp>,
+    jobs_queue_url: &str,
     payload: Value,
 ) -> Result<Value, serde_json::Error> {
     if is_stream_event(&payload) {
@@ -36,7 +39,7 @@ pub async fn handle_any<S: Store, Q: DeliveryQueue, C: Clock, H: HttpSender>(
         serde_json::to_value(response)
     } else {
         let event: SqsEvent = serde_json::from_value(payload)?;
-        let response = handle(app, sender, concurrency, deadline, event).await;
+        let response = handle(app, sender, concurrency, deadline, jobs_queue_url, event).await;
         serde_json::to_value(response)
     }
 }
@@ -89,10 +92,15 @@ pub async fn handle<S: Store, Q: DeliveryQueue, C: Clock, H: HttpSender>(
     sender: &H,
     concurrency: usize,
     deadline: Option<Timestamp>,
+    jobs_queue_url: &str,
     event: SqsEvent,
 ) -> SqsBatchResponse {
     let total = event.records.len();
-    let messages = event.records.into_iter().map(queue_message).collect();
+    let messages = event
+        .records
+        .into_iter()
+        .map(|record| queue_message(record, jobs_queue_url))
+        .collect();
     let failed = process_messages(app, sender, messages, concurrency, deadline).await;
     if !failed.is_empty() {
         tracing::warn!(
@@ -123,10 +131,17 @@ pub fn check_deadline(deadline: SystemTime, now: SystemTime, deliver_timeout: Du
     fits
 }
 
-/// The record's id, body and string-valued message attributes. A record without an id (SQS always
-/// sends one) gets an empty one: reported as failed, it makes SQS retry the whole batch.
-pub fn queue_message(record: SqsMessage) -> QueueMessage {
+/// The record's id, body and string-valued message attributes, and whether it came from the
+/// deliveries queue at `jobs_queue_url` (its event source ARN names it). A record without an id
+/// (SQS always sends one) gets an empty one: reported as failed, it makes SQS retry the whole
+/// batch.
+pub fn queue_message(record: SqsMessage, jobs_queue_url: &str) -> QueueMessage {
+    let from_jobs_queue = record
+        .event_source_arn
+        .as_deref()
+        .is_some_and(|arn| arn_is_queue_url(arn, jobs_queue_url));
     QueueMessage {
+        from_jobs_queue,
         message_id: record.message_id.unwrap_or_default(),
         body: record.body.unwrap_or_default(),
         sent_at_ms: record
@@ -165,12 +180,23 @@ mod tests {
             }]
         }))
         .unwrap();
-        let m = queue_message(event.records.into_iter().next().unwrap());
+        let m = queue_message(
+            event.records.into_iter().next().unwrap(),
+            "https://sqs.us-east-1.amazonaws.com/123456789012/tidings-deliveries",
+        );
         assert_eq!(m.message_id, "059f36b4-87a3-44ab-83d2-661975830a7d");
         assert_eq!(m.body, r#"{"eventType":"order.created","data":{}}"#);
         assert_eq!(m.attributes.len(), 1, "binary attributes are dropped");
         assert_eq!(m.attributes["tenant"], "acme");
         assert_eq!(m.sent_at_ms, 1_545_082_649_183);
+        assert!(!m.from_jobs_queue, "from the events queue");
+        let mut job: SqsMessage = SqsMessage::default();
+        job.event_source_arn = Some("arn:aws:sqs:us-east-1:123456789012:tidings-deliveries".into());
+        let job = queue_message(
+            job,
+            "https://sqs.us-east-1.amazonaws.com/123456789012/tidings-deliveries",
+        );
+        assert!(job.from_jobs_queue);
     }
 
     #[test]

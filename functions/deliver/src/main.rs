@@ -20,6 +20,7 @@ async fn main() -> Result<(), Error> {
     let settings = settings_from_env()?;
     let (app, sender) = (&build_app(&settings).await, &build_sender(&settings)?);
     let (concurrency, timeout) = (settings.deliver_concurrency, settings.deliver_timeout);
+    let jobs_queue_url = settings.deliveries_queue_url.as_str();
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<serde_json::Value>| async move {
             let deadline = event.context.deadline();
@@ -29,8 +30,15 @@ async fn main() -> Result<(), Error> {
                 .ok()
                 .and_then(|d| i64::try_from(d.as_millis()).ok())
                 .map(Timestamp::from_unix_millis);
-            let response =
-                handler::handle_any(app, sender, concurrency, deadline, event.payload).await?;
+            let response = handler::handle_any(
+                app,
+                sender,
+                concurrency,
+                deadline,
+                jobs_queue_url,
+                event.payload,
+            )
+            .await?;
             Ok::<_, Error>(response)
         },
     ))

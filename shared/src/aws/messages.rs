@@ -60,6 +60,10 @@ pub struct QueueMessage {
     /// When the queue received the message (SQS's `SentTimestamp`, epoch milliseconds; 0 when
     /// unknown): the time part of an event id derived from the message.
     pub sent_at_ms: u64,
+    /// The record came from the deliveries queue, the one Tidings sends its jobs to. Jobs are
+    /// taken from there only: whoever may send to the events queue (any producer) cannot send a
+    /// job for another tenant's delivery or event.
+    pub from_jobs_queue: bool,
 }
 
 /// What a record asks for.
@@ -79,6 +83,10 @@ pub enum Message {
 pub enum MessageError {
     #[error("unknown `{KIND_ATTRIBUTE}` attribute `{0}`")]
     UnknownKind(String),
+    #[error(
+        "a `{KIND_ATTRIBUTE}` = `{0}` message on the events queue: jobs are taken from the deliveries queue only"
+    )]
+    JobOutsideJobsQueue(String),
     #[error("the job body is invalid: {0}")]
     BadJob(#[source] serde_json::Error),
     #[error("the event message has no `{TENANT_ATTRIBUTE}` attribute")]
@@ -97,7 +105,7 @@ impl MessageError {
     /// The field or attribute at fault, if one is.
     pub fn field(&self) -> Option<&str> {
         match self {
-            Self::UnknownKind(_) => Some(KIND_ATTRIBUTE),
+            Self::UnknownKind(_) | Self::JobOutsideJobsQueue(_) => Some(KIND_ATTRIBUTE),
             Self::MissingTenant | Self::BadTenant(_) => Some(TENANT_ATTRIBUTE),
             Self::BadEvent(p) => p.field.as_deref(),
             Self::BadOriginal => Some(ORIGINAL_SENT_AT_ATTRIBUTE),
@@ -108,7 +116,13 @@ impl MessageError {
 
 impl Message {
     pub fn parse(message: &QueueMessage) -> Result<Self, MessageError> {
-        match message.attributes.get(KIND_ATTRIBUTE).map(String::as_str) {
+        let kind = message.attributes.get(KIND_ATTRIBUTE).map(String::as_str);
+        if let Some(kind) = kind
+            && !message.from_jobs_queue
+        {
+            return Err(MessageError::JobOutsideJobsQueue(kind.to_owned()));
+        }
+        match kind {
             Some(DELIVERY_JOB_KIND) => serde_json::from_str(&message.body)
                 .map(Self::Deliver)
                 .map_err(MessageError::BadJob),
@@ -695,15 +709,24 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             sent_at_ms: 1_764_000_000_000,
+            from_jobs_queue: false,
+        }
+    }
+
+    /// A message on the deliveries queue.
+    fn on_jobs_queue(message: QueueMessage) -> QueueMessage {
+        QueueMessage {
+            from_jobs_queue: true,
+            ..message
         }
     }
 
     fn job_message(id: &str, job: &DeliveryJob) -> QueueMessage {
-        event_message(
+        on_jobs_queue(event_message(
             id,
             &serde_json::to_string(job).unwrap(),
             &[(KIND_ATTRIBUTE, DELIVERY_JOB_KIND)],
-        )
+        ))
     }
 
     const ORDER: &str = r#"{"eventType":"order.created","data":{"id":1}}"#;
@@ -775,7 +798,7 @@ mod tests {
 
     #[test]
     fn malformed_messages_name_the_problem() {
-        let cases: [(QueueMessage, Option<&str>); 7] = [
+        let cases: [(QueueMessage, Option<&str>); 8] = [
             (event_message("a", ORDER, &[]), Some("tenant")),
             (event_message("b", ORDER, &[("tenant", "")]), Some("tenant")),
             (event_message("c", "{nope", &[("tenant", "acme")]), None),
@@ -796,16 +819,29 @@ mod tests {
                 Some("eventType"),
             ),
             (
-                event_message(
+                on_jobs_queue(event_message(
                     "f",
                     ORDER,
                     &[(KIND_ATTRIBUTE, "mystery"), ("tenant", "acme")],
-                ),
+                )),
                 Some(KIND_ATTRIBUTE),
             ),
             (
-                event_message("g", ORDER, &[(KIND_ATTRIBUTE, DELIVERY_JOB_KIND)]),
+                on_jobs_queue(event_message(
+                    "g",
+                    ORDER,
+                    &[(KIND_ATTRIBUTE, DELIVERY_JOB_KIND)],
+                )),
                 None,
+            ),
+            // A producer's job, for any tenant's delivery: refused on the events queue.
+            (
+                event_message(
+                    "h",
+                    r#"{"tenantId":"other","deliveryId":"dlv_x"}"#,
+                    &[(KIND_ATTRIBUTE, DELIVERY_JOB_KIND)],
+                ),
+                Some(KIND_ATTRIBUTE),
             ),
         ];
         for (message, field) in cases {

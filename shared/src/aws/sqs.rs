@@ -43,6 +43,20 @@ pub enum SqsSendError {
     },
 }
 
+/// Whether the queue ARN `arn` (`arn:aws:sqs:REGION:ACCOUNT:NAME`, as an event source names its
+/// queue) is the queue at `url` (`https://…/ACCOUNT/NAME`): same account, same name.
+pub fn arn_is_queue_url(arn: &str, url: &str) -> bool {
+    let mut from_arn = arn.rsplit(':');
+    let mut from_url = url.trim_end_matches('/').rsplit('/');
+    let (Some(name), Some(account)) = (from_arn.next(), from_arn.next()) else {
+        return false;
+    };
+    !name.is_empty()
+        && from_url.next() == Some(name)
+        && from_url.next() == Some(account)
+        && arn.starts_with("arn:")
+}
+
 /// An SQS standard queue of delivery jobs.
 #[derive(Debug, Clone)]
 pub struct SqsQueue {
@@ -183,6 +197,28 @@ mod tests {
     use super::*;
     use crate::domain::{DeliveryId, EventId, TenantId};
     use crate::ports::{DeliveryJob, FanOutJob};
+
+    #[test]
+    fn a_queue_arn_is_matched_to_its_url_by_account_and_name() {
+        let url = "https://sqs.eu-west-1.amazonaws.com/123456789012/tidings-deliveries";
+        assert!(arn_is_queue_url(
+            "arn:aws:sqs:eu-west-1:123456789012:tidings-deliveries",
+            url
+        ));
+        assert!(arn_is_queue_url(
+            "arn:aws:sqs:us-east-1:123456789012:q",
+            "http://127.0.0.1:5000/123456789012/q/"
+        ));
+        for other in [
+            "arn:aws:sqs:eu-west-1:123456789012:tidings-events",
+            "arn:aws:sqs:eu-west-1:999999999999:tidings-deliveries",
+            "tidings-deliveries",
+            "",
+            "arn:aws:sqs:eu-west-1:123456789012:",
+        ] {
+            assert!(!arn_is_queue_url(other, url), "{other}");
+        }
+    }
 
     #[test]
     fn delays_round_up_to_whole_seconds_and_clamp_at_900() {

@@ -118,12 +118,13 @@ fn attributes() -> impl Strategy<Value = HashMap<String, String>> {
 }
 
 fn queue_message() -> impl Strategy<Value = QueueMessage> {
-    (text(40), body(), attributes(), any::<u64>()).prop_map(
-        |(message_id, body, attributes, sent_at_ms)| QueueMessage {
+    (text(40), body(), attributes(), any::<u64>(), any::<bool>()).prop_map(
+        |(message_id, body, attributes, sent_at_ms, from_jobs_queue)| QueueMessage {
             message_id,
             body,
             attributes,
             sent_at_ms,
+            from_jobs_queue,
         },
     )
 }
@@ -139,6 +140,10 @@ proptest! {
         let attribute = |name: &str| m.attributes.get(name).map(String::as_str);
         let parsed = Message::parse(&m);
         match attribute(KIND_ATTRIBUTE) {
+            // A job kind anywhere but on the deliveries queue (a producer's message) is refused.
+            Some(other) if !m.from_jobs_queue => {
+                prop_assert!(matches!(&parsed, Err(MessageError::JobOutsideJobsQueue(k)) if k == other), "{:?}", parsed);
+            }
             Some(DELIVERY_JOB_KIND) => match (&parsed, serde_json::from_str::<DeliveryJob>(&m.body)) {
                 (Ok(Message::Deliver(job)), Ok(expected)) => prop_assert_eq!(job, &expected),
                 (Err(MessageError::BadJob(_)), Err(_)) => {}
@@ -207,6 +212,7 @@ proptest! {
             body: json!({"eventType": event_type, "data": {}}).to_string(),
             attributes: HashMap::from([(TENANT_ATTRIBUTE.to_owned(), tenant)]),
             sent_at_ms: sent_at,
+            from_jobs_queue: false,
         };
         let event_id = |m: &QueueMessage| match Message::parse(m) {
             Ok(Message::Publish { request, .. }) => request.event_id,
