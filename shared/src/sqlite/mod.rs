@@ -130,45 +130,6 @@ impl SqliteStore {
     {
         self.engine.write(f).await
     }
-
-    /// After a crash, for the single-process local runner only (it holds an exclusive lock on its
-    /// data directory, so no live worker owns any lease and the in-memory queue is gone): every
-    /// unfinished delivery is released from its lease and becomes due at its next attempt time
-    /// (or now), and every event whose fan-out was not done is due now, so the sweep sends them
-    /// again. Returns how many were touched.
-    pub async fn recover_after_restart(&self, now: Timestamp) -> Result<usize, StoreError> {
-        self.write(move |conn| {
-            let fan_outs = conn
-                .prepare_cached(
-                    "UPDATE events SET fan_out_due_at = ?1
-                     WHERE fan_out_due_at IS NOT NULL AND fan_out_due_at > ?1",
-                )
-                .and_then(|mut stmt| stmt.execute([now.unix_millis()]))
-                .map_err(StoreError::unavailable)?;
-            // Unfinished deliveries that are not held are all in the due index.
-            let recovered: Vec<(Delivery, u64)> = {
-                let mut stmt = conn
-                    .prepare("SELECT body FROM deliveries WHERE due_at IS NOT NULL")
-                    .map_err(StoreError::unavailable)?;
-                let rows = stmt
-                    .query_map([], |row| row.get::<_, String>(0))
-                    .map_err(StoreError::unavailable)?;
-                let mut recovered = Vec::new();
-                for body in rows {
-                    let d: Delivery = decode(&body.map_err(StoreError::unavailable)?)?;
-                    if let Some(next) = d.recovered(now) {
-                        recovered.push((next, d.version()));
-                    }
-                }
-                recovered
-            };
-            for (next, expected) in &recovered {
-                write_delivery(conn, &DeliveryWrite::new(next, *expected)?)?;
-            }
-            Ok(recovered.len() + fan_outs)
-        })
-        .await
-    }
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -854,6 +815,42 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    /// One write transaction: the owed fan-outs due later are made due now, and the deliveries
+    /// in the due index (every unfinished one that is not held) are recovered.
+    async fn recover_after_restart(&self, now: Timestamp) -> StoreResult<usize> {
+        self.write(move |conn| {
+            let fan_outs = conn
+                .prepare_cached(
+                    "UPDATE events SET fan_out_due_at = ?1
+                     WHERE fan_out_due_at IS NOT NULL AND fan_out_due_at > ?1",
+                )
+                .and_then(|mut stmt| stmt.execute([now.unix_millis()]))
+                .map_err(StoreError::unavailable)?;
+            // Unfinished deliveries that are not held are all in the due index.
+            let recovered: Vec<(Delivery, u64)> = {
+                let mut stmt = conn
+                    .prepare("SELECT body FROM deliveries WHERE due_at IS NOT NULL")
+                    .map_err(StoreError::unavailable)?;
+                let rows = stmt
+                    .query_map([], |row| row.get::<_, String>(0))
+                    .map_err(StoreError::unavailable)?;
+                let mut recovered = Vec::new();
+                for body in rows {
+                    let d: Delivery = decode(&body.map_err(StoreError::unavailable)?)?;
+                    if let Some(next) = d.recovered(now) {
+                        recovered.push((next, d.version()));
+                    }
+                }
+                recovered
+            };
+            for (next, expected) in &recovered {
+                write_delivery(conn, &DeliveryWrite::new(next, *expected)?)?;
+            }
+            Ok(recovered.len() + fan_outs)
+        })
+        .await
     }
 }
 
