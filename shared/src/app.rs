@@ -1396,6 +1396,17 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
 
     // ---- sweep ----
 
+    /// At start-up, before any worker runs: hands every unfinished delivery and owed fan-out
+    /// back to the sweep, due now (or at a delivery's next attempt), whatever lease or due time
+    /// the last run left on it. Returns how many it changed.
+    ///
+    /// Only for a runner that knows no other worker is alive, as the local runner does (it holds
+    /// its data directory exclusively, and its queue died with the last run): see
+    /// [`Store::recover_after_restart`].
+    pub async fn recover_after_restart(&self) -> Result<usize, StoreError> {
+        self.store.recover_after_restart(self.clock.now()).await
+    }
+
     /// Re-sends deliveries whose queue message is overdue or lost, and those whose worker's lease
     /// ran out. Each one is claimed with a conditional write first, so two sweeps running at once
     /// never both enqueue it.
@@ -2637,6 +2648,9 @@ mod tests {
             limit: u32,
         ) -> crate::ports::StoreResult<Vec<crate::ports::DueDelivery>> {
             self.inner.due_deliveries(now, limit).await
+        }
+        async fn recover_after_restart(&self, now: Timestamp) -> crate::ports::StoreResult<usize> {
+            self.inner.recover_after_restart(now).await
         }
     }
 }

@@ -53,6 +53,7 @@ macro_rules! store_conformance_tests {
             update_of_unknown_delivery_is_not_found,
             due_deliveries_returns_due_work_earliest_first,
             due_index_follows_delivery_updates,
+            recover_after_restart_makes_unfinished_work_due,
             timestamps_round_trip_exactly,
             accepted_edge_values_read_back,
         );
@@ -1337,6 +1338,133 @@ pub async fn due_index_follows_delivery_updates<S: Store>(store: &S) {
     let mut expected = vec![finishing.id().clone(), holding.id().clone()];
     expected.sort();
     assert_eq!(due_ids(back).await, expected);
+}
+
+/// After a crash of the only process that could hold leases, everything unfinished is handed
+/// back to the sweep: a leased delivery is released and due now, an idle one (its queue message
+/// died with the process) due now, one waiting for a later retry stays due then; an owed fan-out
+/// due later is due now. Final and held deliveries, and a fan-out that is done, are left alone.
+pub async fn recover_after_restart_makes_unfinished_work_due<S: Store>(store: &S) {
+    let a = tenant("tenant-a");
+    let subs: Vec<_> = (0..5).map(|i| subscription(&a, ts(1_000 + i))).collect();
+    let subs: Vec<_> = subs.iter().collect();
+    insert_all(store, &subs).await;
+    let t0 = ts(10_000);
+    let now = ts(20_000);
+    let new = new_event(&a, &subs, t0, "{}");
+    created(store, &new).await;
+    let [idle, leased, finished, held, retrying] = new.deliveries.as_slice() else {
+        panic!("five deliveries");
+    };
+    // An event whose fan-out was owed, due later, when the process died (its job died with
+    // it); one owed and due already; one whose fan-out was done.
+    let mut owing = new_event(&a, &[], t0, "1");
+    owing.fan_out_due_at = Some(t0.saturating_add(GRACE));
+    let mut overdue = new_event(&a, &[], t0, "2");
+    overdue.fan_out_due_at = Some(ts(15_000));
+    let mut done = new_event(&a, &[], t0, "3");
+    done.fan_out_due_at = Some(t0.saturating_add(GRACE));
+    for e in [&owing, &overdue, &done] {
+        created(store, e).await;
+    }
+    store.fanned_out(&a, &done.event.id).await.unwrap();
+
+    // Leased, as a worker that crashed mid-attempt leaves it.
+    let lease = Duration::from_secs(60);
+    let leased_then = save(
+        store,
+        leased,
+        leased.leased(t0, "w1".into(), lease).unwrap(),
+    )
+    .await;
+    // Final, and held: not live work.
+    let finished = save(
+        store,
+        finished,
+        attempted(finished, t0, AttemptClass::Delivered, GRACE),
+    )
+    .await;
+    let held = save(store, held, held.held(t0, "paused", None).unwrap()).await;
+    // Its next attempt is after `now`: nothing to change.
+    let retry_at = ts(90_000);
+    let retrying = save(
+        store,
+        retrying,
+        attempted(retrying, t0, AttemptClass::Retryable, t0.until(retry_at)),
+    )
+    .await;
+    assert_eq!(retrying.next_attempt_at(), Some(retry_at));
+    assert_eq!(retrying.due_at(), Some(retry_at));
+
+    // The leased delivery, the idle one and the owed fan-out due later.
+    assert_eq!(store.recover_after_restart(now).await.unwrap(), 3);
+
+    let released = store.get_delivery(&a, leased.id()).await.unwrap().unwrap();
+    assert_eq!(released.current_lease(), None);
+    assert_eq!(released.due_at(), Some(now));
+    assert_eq!(released.version(), leased_then.version() + 1);
+    assert_eq!(released.status(), leased_then.status());
+    assert_eq!(released.attempts(), leased_then.attempts());
+    // Leasable again at once (its lease had 50 s left).
+    assert!(released.leased(now, "w2".into(), lease).is_ok());
+
+    let idle_now = store.get_delivery(&a, idle.id()).await.unwrap().unwrap();
+    assert_eq!(idle_now.due_at(), Some(now), "was {:?}", idle.due_at());
+    assert_eq!(idle_now.next_attempt_at(), idle.next_attempt_at());
+    for untouched in [&finished, &held, &retrying] {
+        assert_eq!(
+            store
+                .get_delivery(&a, untouched.id())
+                .await
+                .unwrap()
+                .as_ref(),
+            Some(untouched)
+        );
+    }
+    let mut due: Vec<_> = store
+        .due_deliveries(now, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.delivery_id, d.due_at))
+        .collect();
+    due.sort();
+    let mut expected = vec![(idle.id().clone(), now), (leased.id().clone(), now)];
+    expected.sort();
+    assert_eq!(due, expected, "the sweep sees both as due now");
+
+    let owed = |e: &TestEvent| {
+        let id = e.event.id.clone();
+        let a = a.clone();
+        async move {
+            store
+                .get_event_for_fan_out(&a, &id)
+                .await
+                .unwrap()
+                .expect("the event is there")
+                .1
+        }
+    };
+    assert_eq!(owed(&owing).await, Some(now), "due now, not a grace later");
+    assert_eq!(owed(&overdue).await, Some(ts(15_000)), "due already");
+    assert_eq!(owed(&done).await, None, "done stays done");
+    let mut fan_outs: Vec<_> = store
+        .due_fan_outs(now, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.event_id, d.due_at))
+        .collect();
+    fan_outs.sort();
+    let mut expected = vec![
+        (owing.event.id.clone(), now),
+        (overdue.event.id.clone(), ts(15_000)),
+    ];
+    expected.sort();
+    assert_eq!(fan_outs, expected);
+
+    // Nothing left to change.
+    assert_eq!(store.recover_after_restart(now).await.unwrap(), 0);
 }
 
 pub async fn timestamps_round_trip_exactly<S: Store>(store: &S) {

@@ -293,17 +293,6 @@ mod server {
             }
             let db_path = dir.join("tidings.db");
             let store = SqliteStore::open(&db_path)?;
-            // We hold the data dir exclusively: no other worker can own a lease, and whatever was
-            // queued in memory before a crash is gone. Make it all due again.
-            let recovered = store
-                .recover_after_restart(crate::domain::Timestamp::now())
-                .await?;
-            if recovered > 0 {
-                tracing::info!(
-                    recovered,
-                    "unfinished deliveries from the last run are due again"
-                );
-            }
 
             let app_config = AppConfig {
                 schedule: config.schedule.clone(),
@@ -319,6 +308,16 @@ mod server {
             };
             let (queue, jobs) = LocalQueue::new();
             let app = Arc::new(App::new(store, queue, SystemClock, app_config));
+            // We hold the data dir exclusively: no other worker can own a lease, and whatever was
+            // queued in memory before a crash is gone. Make it all due again, before the workers
+            // and the sweeper start.
+            let recovered = app.recover_after_restart().await?;
+            if recovered > 0 {
+                tracing::info!(
+                    recovered,
+                    "unfinished deliveries and fan-outs from the last run are due again"
+                );
+            }
 
             let tenant =
                 TenantId::parse(DEFAULT_TENANT).map_err(|e| AppError::invalid("tenant", e))?;

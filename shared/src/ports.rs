@@ -222,6 +222,21 @@ pub trait Store: Send + Sync + 'static {
         now: Timestamp,
         limit: u32,
     ) -> impl Future<Output = StoreResult<Vec<DueDelivery>>> + Send;
+
+    /// Hands all unfinished work back to the sweep after a restart: every unfinished, not held
+    /// delivery is released from any lease and due at its next attempt time, or `now` if that is
+    /// earlier or unset ([`Delivery::recovered`]); every event that owes its fan-out is due by
+    /// `now`. Final and held deliveries, and events whose fan-out is done, are left alone.
+    /// Returns how many deliveries and events it changed. A delivery or event that changes
+    /// meanwhile is left as it then is.
+    ///
+    /// Only for a runner that knows no other worker is alive (the local runner, which holds its
+    /// data directory exclusively): a live worker's lease would be taken from it, and its
+    /// delivery sent twice at once. Not for the sweep, which waits for leases to run out.
+    fn recover_after_restart(
+        &self,
+        now: Timestamp,
+    ) -> impl Future<Output = StoreResult<usize>> + Send;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -446,5 +461,11 @@ impl<T: Store> Store for Arc<T> {
         limit: u32,
     ) -> impl Future<Output = StoreResult<Vec<DueDelivery>>> + Send {
         (**self).due_deliveries(now, limit)
+    }
+    fn recover_after_restart(
+        &self,
+        now: Timestamp,
+    ) -> impl Future<Output = StoreResult<usize>> + Send {
+        (**self).recover_after_restart(now)
     }
 }

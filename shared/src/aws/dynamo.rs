@@ -66,6 +66,7 @@
 //! | `update_delivery` | 1 `PutItem` (version condition, `ALL_OLD` on failure) |
 //! | `list_deliveries` | [`DELIVERY_SHARDS`] `Query`s of the table (the subscription's partitions, newest first, `Limit` = limit + 1 each), run concurrently and merged |
 //! | `due_deliveries` | [`DUE_SHARDS`] `Query`s on `due`, run concurrently |
+//! | `recover_after_restart` | 2 × [`DUE_SHARDS`] `Query`s on `due` (every shard, whatever the due time), then per delivery in it 1 `GetItem` and, if it changes, 1 `PutItem` (as `update_delivery`); per owed fan-out due later, 1 `UpdateItem` (as `claim_fan_out`); 16 items at a time |
 //!
 //! Queries page on past 1 MB; that does not happen at this service's item sizes and page limits
 //! in normal operation.
@@ -117,6 +118,7 @@ use serde::{Deserialize, Serialize};
 use serde_dynamo::aws_sdk_dynamodb_1 as serde_ddb;
 use serde_json::value::RawValue;
 
+use crate::concurrency::join_bounded;
 use crate::domain::{
     ApiKeyRecord, Delivery, DeliveryId, Event, EventId, EventType, Subscription, SubscriptionId,
     TenantId, Timestamp,
@@ -987,6 +989,9 @@ impl DynamoStore {
     }
 }
 
+/// How many items restart recovery reads and writes at once.
+const RECOVERY_WRITES_AT_ONCE: usize = 16;
+
 /// How long a subscription change waits for the `list` index to show it.
 const INDEX_WAIT: Duration = Duration::from_secs(10);
 
@@ -1081,6 +1086,56 @@ impl DynamoStore {
         due.sort_by(|a, b| (a.1, &a.0.pk, &a.0.sk).cmp(&(b.1, &b.0.pk, &b.0.sk)));
         due.truncate(want);
         Ok(due)
+    }
+
+    /// Every row of the `due` index in `shards`, whatever its due time (restart recovery).
+    async fn all_due_rows(
+        &self,
+        shards: std::ops::Range<u16>,
+    ) -> StoreResult<Vec<(Key, Timestamp)>> {
+        self.due_rows(Timestamp::from_unix_millis(i64::MAX), u32::MAX, shards)
+            .await
+    }
+
+    /// Restart recovery of one delivery of the due index: read, [`Delivery::recovered`], and
+    /// written back version-checked. `false` if nothing changed: not in need of it, or it moved
+    /// on (or went) between the read and the write.
+    async fn recover_delivery(&self, key: Key, now: Timestamp) -> StoreResult<bool> {
+        let Some(current) = self.get_body::<Delivery>(key, DELIVERY).await? else {
+            return Ok(false);
+        };
+        let Some(next) = current.recovered(now) else {
+            return Ok(false);
+        };
+        match self.update_delivery(&next, current.version()).await {
+            Ok(()) => Ok(true),
+            Err(StoreError::Conflict | StoreError::NotFound) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Restart recovery of one owed fan-out of the due index: due now if it was due later.
+    /// `false` if nothing changed: due already, or done or moved on since the index was read.
+    async fn recover_fan_out(
+        &self,
+        key: Key,
+        due_at: Timestamp,
+        now: Timestamp,
+    ) -> StoreResult<bool> {
+        if due_at <= now {
+            return Ok(false);
+        }
+        let (tenant_id, event_id) = parse_event_pk(&key.pk)?;
+        let due = DueFanOut {
+            tenant_id,
+            event_id,
+            due_at,
+        };
+        match self.claim_fan_out(&due, now).await {
+            Ok(()) => Ok(true),
+            Err(StoreError::Conflict | StoreError::NotFound) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// [`until_listed`](Self::until_listed) for `subscription` as just written.
@@ -1449,6 +1504,38 @@ impl Store for DynamoStore {
                 })
             })
             .collect()
+    }
+
+    /// Reads the whole `due` index (every shard, whatever the due time) and recovers each row:
+    /// a delivery is read and written back version-checked, an owed fan-out due later is claimed
+    /// for now. Rarely run (the local runner's start-up), so simple rather than cheap.
+    async fn recover_after_restart(&self, now: Timestamp) -> StoreResult<usize> {
+        let deliveries = self.all_due_rows(0..u16::from(DUE_SHARDS)).await?;
+        let fan_outs = self
+            .all_due_rows(FAN_OUT_SHARD_BASE..FAN_OUT_SHARD_BASE + u16::from(DUE_SHARDS))
+            .await?;
+        let mut recovered = 0;
+        let delivery_results = join_bounded(
+            deliveries
+                .into_iter()
+                .map(|(key, _)| self.recover_delivery(key, now)),
+            RECOVERY_WRITES_AT_ONCE,
+        )
+        .await;
+        for changed in delivery_results {
+            recovered += usize::from(changed?);
+        }
+        let fan_out_results = join_bounded(
+            fan_outs
+                .into_iter()
+                .map(|(key, due_at)| self.recover_fan_out(key, due_at, now)),
+            RECOVERY_WRITES_AT_ONCE,
+        )
+        .await;
+        for changed in fan_out_results {
+            recovered += usize::from(changed?);
+        }
+        Ok(recovered)
     }
 }
 

@@ -130,45 +130,6 @@ impl SqliteStore {
     {
         self.engine.write(f).await
     }
-
-    /// After a crash, for the single-process local runner only (it holds an exclusive lock on its
-    /// data directory, so no live worker owns any lease and the in-memory queue is gone): every
-    /// unfinished delivery is released from its lease and becomes due at its next attempt time
-    /// (or now), and every event whose fan-out was not done is due now, so the sweep sends them
-    /// again. Returns how many were touched.
-    pub async fn recover_after_restart(&self, now: Timestamp) -> Result<usize, StoreError> {
-        self.write(move |conn| {
-            let fan_outs = conn
-                .prepare_cached(
-                    "UPDATE events SET fan_out_due_at = ?1
-                     WHERE fan_out_due_at IS NOT NULL AND fan_out_due_at > ?1",
-                )
-                .and_then(|mut stmt| stmt.execute([now.unix_millis()]))
-                .map_err(StoreError::unavailable)?;
-            // Unfinished deliveries that are not held are all in the due index.
-            let recovered: Vec<(Delivery, u64)> = {
-                let mut stmt = conn
-                    .prepare("SELECT body FROM deliveries WHERE due_at IS NOT NULL")
-                    .map_err(StoreError::unavailable)?;
-                let rows = stmt
-                    .query_map([], |row| row.get::<_, String>(0))
-                    .map_err(StoreError::unavailable)?;
-                let mut recovered = Vec::new();
-                for body in rows {
-                    let d: Delivery = decode(&body.map_err(StoreError::unavailable)?)?;
-                    if let Some(next) = d.recovered(now) {
-                        recovered.push((next, d.version()));
-                    }
-                }
-                recovered
-            };
-            for (next, expected) in &recovered {
-                write_delivery(conn, &DeliveryWrite::new(next, *expected)?)?;
-            }
-            Ok(recovered.len() + fan_outs)
-        })
-        .await
-    }
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -855,6 +816,42 @@ impl Store for SqliteStore {
             })
             .collect()
     }
+
+    /// One write transaction: the owed fan-outs due later are made due now, and the deliveries
+    /// in the due index (every unfinished one that is not held) are recovered.
+    async fn recover_after_restart(&self, now: Timestamp) -> StoreResult<usize> {
+        self.write(move |conn| {
+            let fan_outs = conn
+                .prepare_cached(
+                    "UPDATE events SET fan_out_due_at = ?1
+                     WHERE fan_out_due_at IS NOT NULL AND fan_out_due_at > ?1",
+                )
+                .and_then(|mut stmt| stmt.execute([now.unix_millis()]))
+                .map_err(StoreError::unavailable)?;
+            // Unfinished deliveries that are not held are all in the due index.
+            let recovered: Vec<(Delivery, u64)> = {
+                let mut stmt = conn
+                    .prepare("SELECT body FROM deliveries WHERE due_at IS NOT NULL")
+                    .map_err(StoreError::unavailable)?;
+                let rows = stmt
+                    .query_map([], |row| row.get::<_, String>(0))
+                    .map_err(StoreError::unavailable)?;
+                let mut recovered = Vec::new();
+                for body in rows {
+                    let d: Delivery = decode(&body.map_err(StoreError::unavailable)?)?;
+                    if let Some(next) = d.recovered(now) {
+                        recovered.push((next, d.version()));
+                    }
+                }
+                recovered
+            };
+            for (next, expected) in &recovered {
+                write_delivery(conn, &DeliveryWrite::new(next, *expected)?)?;
+            }
+            Ok(recovered.len() + fan_outs)
+        })
+        .await
+    }
 }
 
 /// Reads only the sparse due index (`due_at <= ?` implies `due_at IS NOT NULL`, so SQLite may use
@@ -871,8 +868,7 @@ mod tests {
 
     use super::engine::{MAX_BATCH, ReadJob, WRITER_AUTOCHECKPOINT_PAGES};
     use super::*;
-    use crate::conformance::{GRACE, attempted, new_event, save, subscription, tenant, ts};
-    use crate::retry::AttemptClass;
+    use crate::conformance::{new_event, subscription, tenant, ts};
 
     crate::store_conformance_tests!(fresh_store);
 
@@ -1030,73 +1026,6 @@ mod tests {
             plan.iter().any(|p| p.contains("deliveries_due")),
             "due query must use the sparse index, plan: {plan:?}"
         );
-    }
-
-    #[tokio::test]
-    async fn recover_after_restart_makes_unfinished_deliveries_due() {
-        let store = fresh_store().await;
-        let a = tenant("a");
-        let subs: Vec<_> = (0..4).map(|i| subscription(&a, ts(1_000 + i))).collect();
-        let t0 = ts(10_000);
-        let mut new = new_event(&a, &subs.iter().collect::<Vec<_>>(), t0, "{}");
-        crate::conformance::created(&store, &new).await;
-        // An event whose fan-out was owed when the process died (its job died with it).
-        let mut owing = new_event(&a, &[], t0, "{}");
-        owing.fan_out_due_at = Some(t0.saturating_add(GRACE));
-        crate::conformance::created(&store, &owing).await;
-        new.fan_out_due_at = None;
-        let [idle, leased, finished, held] = new.deliveries.as_slice() else {
-            panic!("four deliveries");
-        };
-
-        // Leased, as a worker that crashed mid-attempt leaves it.
-        let lease = Duration::from_secs(60);
-        let leased_now = save(
-            &store,
-            leased,
-            leased.leased(t0, "w1".into(), lease).unwrap(),
-        )
-        .await;
-        // Final, and held: not live work, so left alone.
-        let done = save(
-            &store,
-            finished,
-            attempted(finished, t0, AttemptClass::Delivered, GRACE),
-        )
-        .await;
-        let held = save(&store, held, held.held(t0, "paused", None).unwrap()).await;
-
-        let now = ts(20_000);
-        // The leased one and the idle one (its queue message died with the process), and the
-        // owed fan-out.
-        assert_eq!(store.recover_after_restart(now).await.unwrap(), 3);
-        let fan_outs = store.due_fan_outs(now, 10).await.unwrap();
-        assert_eq!(fan_outs.len(), 1);
-        assert_eq!(
-            (&fan_outs[0].event_id, fan_outs[0].due_at),
-            (&owing.event.id, now),
-            "due now, not a grace later"
-        );
-
-        let released = store.get_delivery(&a, leased.id()).await.unwrap().unwrap();
-        assert_eq!(released.current_lease(), None);
-        assert_eq!(released.due_at(), Some(now));
-        assert_eq!(released.version(), leased_now.version() + 1);
-        assert_eq!(released.status(), leased_now.status());
-        assert_eq!(released.attempts(), leased_now.attempts());
-        // Leasable again at once (its lease had 50 s left), and the sweep sees it as due now.
-        assert!(released.leased(now, "w2".into(), lease).is_ok());
-        let due = store.due_deliveries(now, 10).await.unwrap();
-        assert_eq!(due.len(), 2, "{due:?}");
-        assert!(due.iter().all(|d| d.due_at == now));
-
-        let idle_now = store.get_delivery(&a, idle.id()).await.unwrap().unwrap();
-        assert_eq!(idle_now.due_at(), Some(now), "was {:?}", idle.due_at());
-        assert_eq!(idle_now.next_attempt_at(), idle.next_attempt_at());
-        assert_eq!(store.get_delivery(&a, done.id()).await.unwrap(), Some(done));
-        assert_eq!(store.get_delivery(&a, held.id()).await.unwrap(), Some(held));
-        // Nothing left to release.
-        assert_eq!(store.recover_after_restart(now).await.unwrap(), 0);
     }
 
     /// What one of the concurrent writes below was and what it got back.
