@@ -114,12 +114,20 @@ impl AppConfig {
         self.schedule.delays().first().copied().unwrap_or_default()
     }
 
+    /// How long after a retry's time its delivery becomes due for the sweep (should its job be
+    /// lost): the grace, and more than a lease, so that a job on time needs no lease written
+    /// (see `App::deliver`).
+    pub fn retry_grace(&self) -> Duration {
+        self.sweep_grace
+            .max(self.lease_duration.saturating_add(Duration::from_secs(1)))
+    }
+
     fn retry_plan(&self, max_queue_delay: Duration) -> RetryPlan<'_> {
         RetryPlan {
             schedule: &self.schedule,
             jitter_ratio: self.jitter_ratio,
             jitter_unit: rand::rng().random::<f64>(),
-            sweep_grace: self.sweep_grace,
+            sweep_grace: self.retry_grace(),
             max_queue_delay,
         }
     }
@@ -1118,22 +1126,43 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             Err(NotLeasable::Held) => return self.recheck_hold(&current).await,
             Err(NotLeasable::Leased(_)) => return Ok(DeliverOutcome::Skipped("leased elsewhere")),
         };
-        match self.store.update_delivery(&leased, current.version()).await {
-            Err(StoreError::Conflict) => return Ok(DeliverOutcome::Skipped("lost the lease race")),
-            other => other?,
-        }
+        // The sweep takes a delivery only once its due time has passed, and a lease keeps it off
+        // until the lease ends. When the due time comes after the end the lease would have (a
+        // retry's job on time: see `AppConfig::retry_grace`), the lease keeps nobody off that
+        // the due time does not already: the attempt goes ahead with the lease in memory only,
+        // as a first attempt does, and its result is written on the version read. (A duplicate
+        // of this job, which SQS may deliver, then sends too: the first write stands and the
+        // second attempt is recorded on it, under the same `webhook-id`.)
+        let lease_ends = now.saturating_add(self.config.lease_duration);
+        let expected = if current.due_at().is_some_and(|due| lease_ends < due) {
+            current.version()
+        } else {
+            match self.store.update_delivery(&leased, current.version()).await {
+                Err(StoreError::Conflict) => {
+                    return Ok(DeliverOutcome::Skipped("lost the lease race"));
+                }
+                other => other?,
+            }
+            leased.version()
+        };
 
         let subscription = self
             .store
             .get_subscription(&job.tenant_id, leased.subscription_id())
             .await?;
         let sub = match subscription {
-            None => return self.end(&leased, "subscription was deleted").await,
+            None => {
+                return self
+                    .end(&leased, expected, "subscription was deleted")
+                    .await;
+            }
             Some(sub) if sub.status == SubscriptionStatus::Disabled => {
-                return self.end(&leased, "subscription is disabled").await;
+                return self
+                    .end(&leased, expected, "subscription is disabled")
+                    .await;
             }
             Some(sub) if sub.status == SubscriptionStatus::Paused => {
-                return self.hold(&leased).await;
+                return self.hold(&leased, expected).await;
             }
             Some(sub) => sub,
         };
@@ -1143,7 +1172,9 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             .await?
         else {
             // Events are stored before their deliveries: this one expired meanwhile.
-            return self.end(&leased, "its event is no longer stored").await;
+            return self
+                .end(&leased, expected, "its event is no longer stored")
+                .await;
         };
 
         let (attempt, retry_after) = self.attempt(sender, &leased, &event, &sub).await;
@@ -1155,7 +1186,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             &self.config.retry_plan(self.queue.max_delay()),
             finished_at,
         );
-        let done = match self.store.update_delivery(&done, leased.version()).await {
+        let done = match self.store.update_delivery(&done, expected).await {
             Ok(()) => {
                 if let FollowUp::Enqueue(delay) = follow_up {
                     self.send_jobs(vec![(job.clone().into(), delay)]).await;
@@ -1207,11 +1238,17 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
     }
 
     /// Ends a leased delivery without an attempt, the reason in its log.
-    async fn end(&self, leased: &Delivery, why: &str) -> Result<DeliverOutcome, StoreError> {
+    /// Ends `leased` without an attempt; `expected`: the stored version it was read or leased at.
+    async fn end(
+        &self,
+        leased: &Delivery,
+        expected: u64,
+        why: &str,
+    ) -> Result<DeliverOutcome, StoreError> {
         let Some(ended) = leased.ended(self.clock.now(), why) else {
             return Ok(DeliverOutcome::Skipped("already final"));
         };
-        match self.store.update_delivery(&ended, leased.version()).await {
+        match self.store.update_delivery(&ended, expected).await {
             Err(StoreError::Conflict) => Ok(DeliverOutcome::Skipped("lease lost")),
             Err(e) => Err(e),
             Ok(()) => {
@@ -1225,12 +1262,12 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
     /// [`HOLD_RECHECK`]: a resume that ran meanwhile may not have seen this delivery (on DynamoDB
     /// it reads a list that lags by a moment). Should the subscription be active by now, the
     /// delivery is released again at once.
-    async fn hold(&self, leased: &Delivery) -> Result<DeliverOutcome, StoreError> {
+    async fn hold(&self, leased: &Delivery, expected: u64) -> Result<DeliverOutcome, StoreError> {
         let now = self.clock.now();
         let Some(held) = leased.held(now, PAUSED, Some(now.saturating_add(HOLD_RECHECK))) else {
             return Ok(DeliverOutcome::Skipped("already final"));
         };
-        match self.store.update_delivery(&held, leased.version()).await {
+        match self.store.update_delivery(&held, expected).await {
             Err(StoreError::Conflict) => return Ok(DeliverOutcome::Skipped("lease lost")),
             other => other?,
         }
@@ -1252,8 +1289,14 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             .get_subscription(held.tenant_id(), held.subscription_id())
             .await?;
         match subscription.map(|s| s.status) {
-            None => self.end(held, "subscription was deleted").await,
-            Some(SubscriptionStatus::Disabled) => self.end(held, "subscription is disabled").await,
+            None => {
+                self.end(held, held.version(), "subscription was deleted")
+                    .await
+            }
+            Some(SubscriptionStatus::Disabled) => {
+                self.end(held, held.version(), "subscription is disabled")
+                    .await
+            }
             Some(SubscriptionStatus::Active) => self.settle_hold(held).await,
             Some(SubscriptionStatus::Paused) => {
                 let now = self.clock.now();
@@ -1262,7 +1305,11 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
                 {
                     // The store would let it expire unseen: end it visibly first.
                     return self
-                        .end(held, "held longer than the retention period allows")
+                        .end(
+                            held,
+                            held.version(),
+                            "held longer than the retention period allows",
+                        )
                         .await;
                 }
                 let again = now.saturating_add(HOLD_SAFETY_RECHECK);
@@ -2217,6 +2264,87 @@ mod tests {
         let d = app.get_delivery(&a, other.id()).await.unwrap();
         assert_eq!(d.status(), DeliveryStatus::Succeeded, "our 2xx counts");
         assert_eq!(d.attempt_count(), 2, "both attempts are in its log");
+    }
+
+    /// A sender that answers `status` and notes whether the delivery was stored leased while
+    /// its request was out.
+    struct SeesLease {
+        store: SqliteStore,
+        tenant: TenantId,
+        status: u16,
+        leased_while_sending: Mutex<Vec<bool>>,
+    }
+
+    impl HttpSender for SeesLease {
+        async fn send(&self, request: OutboundRequest) -> SendOutcome {
+            let id = request
+                .headers
+                .iter()
+                .find(|(name, _)| name == "webhook-id")
+                .map(|(_, v)| DeliveryId::parse(v).unwrap());
+            if let Some(id) = id
+                && let Some(stored) = self.store.get_delivery(&self.tenant, &id).await.unwrap()
+            {
+                self.leased_while_sending
+                    .lock()
+                    .unwrap()
+                    .push(stored.current_lease().is_some());
+            }
+            SendOutcome::Response {
+                status: self.status,
+                retry_after: None,
+                body_snippet: String::new(),
+                latency: Duration::from_millis(1),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retry_on_time_writes_no_lease_and_a_late_one_does() {
+        let config = AppConfig {
+            schedule: RetrySchedule::parse("0s,10s,10s").unwrap(),
+            jitter_ratio: 0.0,
+            ..AppConfig::default()
+        };
+        let (app, a, _) = app_with_subscription(config).await;
+        let failing = SeesLease {
+            store: app.store.clone(),
+            tenant: a.clone(),
+            status: 503,
+            leased_while_sending: Mutex::new(Vec::new()),
+        };
+        app.publish_event(&a, order("{}"), None).await.unwrap();
+        fan_out_queued(&app, &failing).await;
+        let job = take_jobs(&app).remove(0);
+        let waiting = app.get_delivery(&a, &job.delivery_id).await.unwrap();
+        let next = waiting.next_attempt_at().unwrap();
+        assert!(
+            waiting.due_at().unwrap() > next.saturating_add(app.config.lease_duration),
+            "a retry is due for the sweep only after a lease's time"
+        );
+
+        // On time: the due time keeps the sweep off; nothing is written before the POST.
+        app.clock.set(next);
+        let version = waiting.version();
+        app.deliver(&failing, &job).await.unwrap();
+        let after = app.get_delivery(&a, &job.delivery_id).await.unwrap();
+        assert_eq!(after.attempt_count(), 2);
+        assert!(after.current_lease().is_none());
+        // (The first attempt's delivery was not stored yet while it was sent.)
+        assert_eq!(*failing.leased_while_sending.lock().unwrap(), [false]);
+        assert!(
+            after.version() > version,
+            "the result is written version-checked"
+        );
+
+        // Late (a backlog held the job past a lease before its due time): leased first.
+        let late = after.due_at().unwrap();
+        let lease_ms = i64::try_from(app.config.lease_duration.as_millis()).unwrap();
+        app.clock
+            .set(Timestamp::from_unix_millis(late.unix_millis() - lease_ms));
+        let job = take_jobs(&app).remove(0);
+        app.deliver(&failing, &job).await.unwrap();
+        assert_eq!(*failing.leased_while_sending.lock().unwrap(), [false, true]);
     }
 
     #[tokio::test]
