@@ -115,11 +115,10 @@ impl AppConfig {
     }
 
     /// How long after a retry's time its delivery becomes due for the sweep (should its job be
-    /// lost): the grace, and more than a lease, so that a job on time needs no lease written
-    /// (see `App::deliver`).
+    /// lost): the grace a job has to start, then a lease's time, so that a job that starts
+    /// within the grace needs no lease written (see `App::deliver`).
     pub fn retry_grace(&self) -> Duration {
-        self.sweep_grace
-            .max(self.lease_duration.saturating_add(Duration::from_secs(1)))
+        self.sweep_grace.saturating_add(self.lease_duration)
     }
 
     fn retry_plan(&self, max_queue_delay: Duration) -> RetryPlan<'_> {
