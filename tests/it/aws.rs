@@ -1024,7 +1024,7 @@ async fn the_cost_of_a_delivery_is_measured_on_the_wire() {
     // the emulator's retried errors.
     for (name, (usage, _), calls, write_units, read_units) in [
         ("first attempt", &first, 3.6, 2.5, 1.0),
-        ("retried once", &retried, 9.0, 6.5, 3.5),
+        ("retried once", &retried, 8.5, 6.0, 3.5),
         ("via the events queue", &queued, 2.6, 2.5, 0.5),
         ("batch publish", &batched, 2.6, 2.5, 0.5),
     ] {
