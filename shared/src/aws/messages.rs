@@ -231,7 +231,7 @@ where
     Q: DeliveryQueue,
     C: Clock,
 {
-    let tenants: BTreeSet<TenantId> = messages
+    let tenants = messages
         .iter()
         .filter_map(|m| match Message::parse(m) {
             Ok(Message::Publish { tenant, .. }) => Some(tenant),
@@ -239,6 +239,20 @@ where
             _ => None,
         })
         .collect();
+    read_subscriptions(app, tenants).await
+}
+
+/// The subscriptions of each of `tenants`, one read each; a tenant whose read fails is left out
+/// (its fan-outs read for themselves).
+pub(super) async fn read_subscriptions<S, Q, C>(
+    app: &App<S, Q, C>,
+    tenants: BTreeSet<TenantId>,
+) -> HashMap<TenantId, Vec<Subscription>>
+where
+    S: Store,
+    Q: DeliveryQueue,
+    C: Clock,
+{
     let mut found = HashMap::with_capacity(tenants.len());
     for tenant in tenants {
         match app.store.tenant_subscriptions(&tenant).await {

@@ -9,18 +9,19 @@
 //! destination (a DLQ) after its last retry. So a record is reported done only once its fan-out
 //! finished, or was handed on to the deliveries queue as a recovery job.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use tracing::Instrument as _;
 
 use crate::app::App;
 use crate::concurrency::join_bounded;
-use crate::domain::{Subscription, TenantId, Timestamp};
+use crate::domain::{TenantId, Timestamp};
 use crate::ports::{Clock, DeliveryQueue, FanOutJob, Store};
 use crate::sender::HttpSender;
 
 use super::dynamo::event_from_stream_image;
+use super::messages::read_subscriptions;
 
 /// One stream record, as the event source mapping delivers it.
 #[derive(Debug, Clone)]
@@ -58,15 +59,7 @@ where
         .iter()
         .filter_map(|(e, _)| e.as_ref().ok()?.as_ref().map(|e| e.tenant_id.clone()))
         .collect();
-    let mut subscriptions: HashMap<TenantId, Vec<Subscription>> = HashMap::new();
-    for tenant in tenants {
-        match app.store.tenant_subscriptions(&tenant).await {
-            Ok(found) => {
-                subscriptions.insert(tenant, found);
-            }
-            Err(e) => tracing::warn!(error = %e, %tenant, "could not read the subscriptions"),
-        }
-    }
+    let subscriptions = read_subscriptions(app, tenants).await;
     let subscriptions = &subscriptions;
     let fan_outs = decoded.into_iter().map(|(event, sequence_number)| {
         let span = tracing::info_span!("stream record", sequence = %sequence_number);
