@@ -402,6 +402,21 @@ impl DynamoStore {
         })
     }
 
+    /// The item `new` is written as, as the table's stream hands it over (tests of the stream's
+    /// use case).
+    #[cfg(test)]
+    pub(crate) fn stream_image_for_tests(new: &NewEvent) -> serde_dynamo::Item {
+        let store = Self::new(
+            Client::from_conf(
+                aws_sdk_dynamodb::Config::builder()
+                    .behavior_version(BehaviorVersion::latest())
+                    .build(),
+            ),
+            "t",
+        );
+        serde_dynamo::Item::from(store.event_item(new).expect("an event item"))
+    }
+
     fn idempotency_item(&self, event: &Event, key: &str) -> StoreResult<Item> {
         to_item(&IdempotencyItem {
             pk: idempotency_pk(&event.tenant_id, key).pk,

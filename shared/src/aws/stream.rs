@@ -108,3 +108,85 @@ where
         .flatten()
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::app::AppConfig;
+    use crate::aws::dynamo::DynamoStore;
+    use crate::conformance::{event, subscription, tenant, ts};
+    use crate::domain::{DeliveryId, DeliveryStatus};
+    use crate::local::LocalQueue;
+    use crate::ports::{FakeClock, FanOutDuty, NewEvent};
+    use crate::sender::{OutboundRequest, SendOutcome};
+    use crate::sqlite::SqliteStore;
+
+    #[derive(Default)]
+    struct Answers200(AtomicUsize);
+
+    impl HttpSender for Answers200 {
+        async fn send(&self, _request: OutboundRequest) -> SendOutcome {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            SendOutcome::Response {
+                status: 200,
+                retry_after: None,
+                body_snippet: String::new(),
+                latency: Duration::from_millis(1),
+            }
+        }
+    }
+
+    fn image(json: serde_json::Value) -> serde_dynamo::Item {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[tokio::test]
+    async fn new_events_are_fanned_out_and_a_record_that_cannot_be_read_comes_back() {
+        let (queue, _jobs) = LocalQueue::new();
+        let app = App::new(
+            SqliteStore::open_in_memory().unwrap(),
+            queue,
+            FakeClock::at(ts(1_000)),
+            AppConfig::default(),
+        );
+        let a = tenant("acme");
+        let sub = subscription(&a, ts(0));
+        app.store.insert_subscription(&sub).await.unwrap();
+        let e = event(&a, ts(1_000), "{}");
+        let new = NewEvent {
+            event: e.clone(),
+            idempotency_key: None,
+            fan_out: FanOutDuty::Stream,
+        };
+        app.store.insert_event(&new).await.unwrap();
+        let records = vec![
+            NewEventRecord {
+                sequence_number: "100".into(),
+                new_image: DynamoStore::stream_image_for_tests(&new),
+            },
+            NewEventRecord {
+                sequence_number: "200".into(),
+                new_image: image(serde_json::json!({
+                    "pk": {"S": "T#acme#EVT#broken"}, "sk": {"S": "-"}, "event": {"S": "not a map"}
+                })),
+            },
+            NewEventRecord {
+                sequence_number: "300".into(),
+                new_image: image(serde_json::json!({"pk": {"S": "KEY#abc"}, "sk": {"S": "-"}})),
+            },
+        ];
+        let sender = Answers200::default();
+        let failed = process_stream_records(&app, &sender, records, 4, None).await;
+        assert_eq!(
+            failed,
+            ["200"],
+            "the unreadable record comes back; an item that is not an event is skipped"
+        );
+        assert_eq!(sender.0.load(Ordering::SeqCst), 1, "one POST for the event");
+        let id = DeliveryId::derive(&a, &e.id, &sub.id, e.received_at);
+        let made = app.store.get_delivery(&a, &id).await.unwrap().unwrap();
+        assert_eq!(made.status(), DeliveryStatus::Succeeded);
+    }
+}
