@@ -945,7 +945,13 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         let now = self.clock.now();
         if now < due {
             let left = now.until(due).min(self.queue.max_delay());
-            self.hand_on(job.clone(), left).await?;
+            // An untracked job may come back (its record returned after a failure): as a
+            // recovery, it then leaves what it made alone.
+            let later = FanOutJob {
+                recovery: job.recovery || job.untracked,
+                ..job.clone()
+            };
+            self.hand_on(later, left).await?;
             return Ok(FanOutReport::default());
         }
         let read;
@@ -1131,9 +1137,13 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         // the due time does not already: the attempt goes ahead with the lease in memory only,
         // as a first attempt does, and its result is written on the version read. (A duplicate
         // of this job, which SQS may deliver, then sends too: the first write stands and the
-        // second attempt is recorded on it, under the same `webhook-id`.)
+        // second attempt is recorded on it, under the same `webhook-id`.) Not once the sweep
+        // has claimed it: each claim sent another job, and those must find a lease, or every
+        // copy would send and count an attempt.
         let lease_ends = now.saturating_add(self.config.lease_duration);
-        let expected = if current.due_at().is_some_and(|due| lease_ends < due) {
+        let lease_free =
+            current.claims() == 0 && current.due_at().is_some_and(|due| lease_ends < due);
+        let expected = if lease_free {
             current.version()
         } else {
             match self.store.update_delivery(&leased, current.version()).await {
@@ -2344,6 +2354,35 @@ mod tests {
         let job = take_jobs(&app).remove(0);
         app.deliver(&failing, &job).await.unwrap();
         assert_eq!(*failing.leased_while_sending.lock().unwrap(), [false, true]);
+    }
+
+    #[tokio::test]
+    async fn a_job_the_sweep_sent_writes_a_lease() {
+        let config = AppConfig {
+            schedule: RetrySchedule::parse("0s,10s,10s").unwrap(),
+            jitter_ratio: 0.0,
+            ..AppConfig::default()
+        };
+        let (app, a, _) = app_with_subscription(config).await;
+        let failing = SeesLease {
+            store: app.store.clone(),
+            tenant: a.clone(),
+            status: 503,
+            leased_while_sending: Mutex::new(Vec::new()),
+        };
+        app.publish_event(&a, order("{}"), None).await.unwrap();
+        fan_out_queued(&app, &failing).await;
+        let lost = take_jobs(&app).remove(0);
+        // The retry's job was lost: the sweep claims the delivery once it is due and sends
+        // another; each claim is one more job that might run, so the job must find a lease.
+        let waiting = app.get_delivery(&a, &lost.delivery_id).await.unwrap();
+        app.clock.set(waiting.due_at().unwrap());
+        app.sweep_due().await.unwrap();
+        let claimed = app.get_delivery(&a, &lost.delivery_id).await.unwrap();
+        assert_eq!(claimed.claims(), 1);
+        let job = take_jobs(&app).remove(0);
+        app.deliver(&failing, &job).await.unwrap();
+        assert_eq!(*failing.leased_while_sending.lock().unwrap(), [true]);
     }
 
     #[tokio::test]

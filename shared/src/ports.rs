@@ -209,7 +209,9 @@ pub trait Store: Send + Sync + 'static {
         delivery: &Delivery,
         expected_version: u64,
     ) -> impl Future<Output = StoreResult<()>> + Send;
-    /// A subscription's deliveries, newest first.
+    /// A subscription's deliveries, newest first: by the time the delivery was made (SQLite) or
+    /// its event was received (DynamoDB, whose order follows the delivery id); the two differ
+    /// only for a delivery made late (a recovery, a resume).
     fn list_deliveries(
         &self,
         tenant: &TenantId,

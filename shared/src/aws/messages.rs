@@ -253,9 +253,13 @@ where
     Q: DeliveryQueue,
     C: Clock,
 {
-    let mut found = HashMap::with_capacity(tenants.len());
-    for tenant in tenants {
-        match app.store.tenant_subscriptions(&tenant).await {
+    let reads = tenants.into_iter().map(|tenant| async move {
+        let read = app.store.tenant_subscriptions(&tenant).await;
+        (tenant, read)
+    });
+    let mut found = HashMap::new();
+    for (tenant, read) in join_bounded(reads, SUBSCRIPTION_READS_AT_ONCE).await {
+        match read {
             Ok(subscriptions) => {
                 found.insert(tenant, subscriptions);
             }
@@ -264,6 +268,9 @@ where
     }
     found
 }
+
+/// Tenants whose subscriptions one batch reads at once.
+const SUBSCRIPTION_READS_AT_ONCE: usize = 8;
 
 /// [`handle_message`], leaving the jobs it makes to the caller: a published event's delivery
 /// jobs, and a job that arrived before its delivery is due, again with the time left.
@@ -364,7 +371,28 @@ where
 {
     match app.fan_out(sender, job, subscriptions, deadline).await {
         Ok(report) => Ok(report),
-        Err(e) if job.untracked => Err(e),
+        // The job is the only record: handed on as a recovery (which leaves the deliveries made
+        // alone), or, should that send fail too, the message comes back.
+        Err(e) if job.untracked => {
+            let recovery = FanOutJob {
+                recovery: true,
+                ..job.clone()
+            };
+            match app
+                .queue
+                .enqueue(vec![(recovery.into(), Duration::ZERO)])
+                .await
+            {
+                Ok(()) => {
+                    tracing::warn!(error = %e, event = %job.event_id, "fan-out failed; handed on as a recovery");
+                    Ok(FanOutReport::default())
+                }
+                Err(queue) => {
+                    tracing::warn!(error = %e, %queue, event = %job.event_id, "fan-out failed and could not be handed on; the message comes back");
+                    Err(e)
+                }
+            }
+        }
         Err(e) => {
             tracing::warn!(error = %e, event = %job.event_id, "fan-out failed; the sweep recovers it once overdue");
             Ok(FanOutReport::default())

@@ -23,6 +23,10 @@ use crate::sender::HttpSender;
 use super::dynamo::event_from_stream_image;
 use super::messages::read_subscriptions;
 
+/// How long after its event was received a stream record is taken to be handed over for the
+/// first time (DynamoDB Streams and the mapping take well under a second when they keep up).
+const FRESH_RECORD: Duration = Duration::from_secs(5);
+
 /// One stream record, as the event source mapping delivers it.
 #[derive(Debug, Clone)]
 pub struct NewEventRecord {
@@ -75,10 +79,15 @@ where
                     return Some(sequence_number);
                 }
             };
+            // A record handed over again (its batch retried after a failure, or a function
+            // error) may find deliveries made by the first try: one that comes well after its
+            // event was received is fanned out as a recovery, which looks each delivery up first
+            // (a read per subscription; a fresh record, the usual case, needs none).
+            let age = event.received_at.until(app.clock.now());
             let job = FanOutJob {
                 tenant_id: event.tenant_id.clone(),
                 event_id: event.id.clone(),
-                recovery: false,
+                recovery: age > FRESH_RECORD,
                 untracked: true,
             };
             let subs = subscriptions.get(&event.tenant_id).map(Vec::as_slice);
@@ -188,5 +197,19 @@ mod tests {
         let id = DeliveryId::derive(&a, &e.id, &sub.id, e.received_at);
         let made = app.store.get_delivery(&a, &id).await.unwrap().unwrap();
         assert_eq!(made.status(), DeliveryStatus::Succeeded);
+
+        // Handed over again well after its event was received (its batch retried): a recovery,
+        // which leaves the delivery made alone.
+        app.clock.advance(FRESH_RECORD + Duration::from_secs(1));
+        let again = vec![NewEventRecord {
+            sequence_number: "100".into(),
+            new_image: DynamoStore::stream_image_for_tests(&new),
+        }];
+        assert!(
+            process_stream_records(&app, &sender, again, 4, None)
+                .await
+                .is_empty()
+        );
+        assert_eq!(sender.0.load(Ordering::SeqCst), 1, "not sent again");
     }
 }

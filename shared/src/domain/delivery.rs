@@ -270,6 +270,10 @@ impl Delivery {
     pub fn current_lease(&self) -> Option<&Lease> {
         self.lease.as_ref()
     }
+    /// The sweep's claims since a worker last took it (each one sent another job).
+    pub fn claims(&self) -> u32 {
+        self.claims
+    }
     pub fn reason(&self) -> Option<&str> {
         self.reason.as_deref()
     }
