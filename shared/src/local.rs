@@ -146,7 +146,7 @@ where
 }
 
 #[cfg(feature = "sqlite")]
-pub use server::{LocalServer, LocalServerConfig, StartError};
+pub use server::{LocalServer, LocalServerConfig, StartError, prepare_data_dir};
 
 #[cfg(feature = "sqlite")]
 mod server {
@@ -246,6 +246,32 @@ mod server {
         _lock: File,
     }
 
+    /// Creates the data directory and its database file for their owner alone (the database
+    /// holds subscription secrets and API key hashes): a new directory `0700`, the database file
+    /// `0600` (SQLite gives its WAL and shared-memory files the database's permissions). An
+    /// existing directory keeps its permissions. Returns the database's path.
+    pub fn prepare_data_dir(dir: &Path) -> std::io::Result<PathBuf> {
+        let new_dir = !dir.exists();
+        std::fs::create_dir_all(dir)?;
+        let db = dir.join("tidings.db");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+            if new_dir {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            }
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&db)?;
+            std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600))?;
+        }
+        #[cfg(not(unix))]
+        let _ = new_dir;
+        Ok(db)
+    }
+
     fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StartError + '_ {
         move |source| StartError::DataDir {
             path: path.to_owned(),
@@ -279,7 +305,7 @@ mod server {
     impl LocalServer {
         pub async fn start(config: LocalServerConfig) -> Result<Self, StartError> {
             let dir = &config.data_dir;
-            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+            let db_path = prepare_data_dir(dir).map_err(io_err(dir))?;
             let lock_path = dir.join("lock");
             let lock = OpenOptions::new()
                 .create(true)
@@ -291,7 +317,6 @@ mod server {
             if lock.try_lock().is_err() {
                 return Err(StartError::Locked(dir.clone()));
             }
-            let db_path = dir.join("tidings.db");
             let store = SqliteStore::open(&db_path)?;
 
             let app_config = AppConfig {
@@ -390,5 +415,29 @@ mod server {
             }));
         }
         rx.recv().await;
+    }
+}
+
+#[cfg(all(test, unix, feature = "sqlite"))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::prepare_data_dir;
+
+    fn mode(path: &std::path::Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_new_data_directory_and_its_database_are_for_their_owner_alone() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("data");
+        let db = prepare_data_dir(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&db), 0o600);
+        // An existing database file made by an earlier version is tightened too.
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+        prepare_data_dir(&dir).unwrap();
+        assert_eq!(mode(&db), 0o600);
     }
 }

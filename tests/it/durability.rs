@@ -71,6 +71,17 @@ async fn keys_create_adds_a_tenant_while_serve_runs() {
     let server =
         TidingsProcess::serve(dir.path(), &["--api-key", "tdk_operator-chosen-key-1234"]).await;
     assert_eq!(server.api.key, "tdk_operator-chosen-key-1234");
+    // The database holds secrets: its files are for their owner alone.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        for file in ["tidings.db", "tidings.db-wal", "tidings.db-shm"] {
+            let mode = std::fs::metadata(dir.path().join(file))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{file}: {mode:o}");
+        }
+    }
     let out = tokio::process::Command::new(binary_path("tidings"))
         .args(["keys", "create", "--tenant", "acme", "--data-dir"])
         .arg(dir.path())

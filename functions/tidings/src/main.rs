@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use tidings_core::app::{App, AppConfig};
 use tidings_core::domain::TenantId;
 use tidings_core::egress::{EgressPolicy, parse_cidr_list};
-use tidings_core::local::{LocalQueue, LocalServer, LocalServerConfig};
+use tidings_core::local::{LocalQueue, LocalServer, LocalServerConfig, prepare_data_dir};
 use tidings_core::ports::SystemClock;
 use tidings_core::retry::RetrySchedule;
 use tidings_core::sqlite::SqliteStore;
@@ -168,9 +168,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn create_key(tenant: &str, data_dir: PathBuf) -> anyhow::Result<()> {
     let tenant = TenantId::parse(tenant).context("--tenant")?;
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
-    let store = SqliteStore::open(&data_dir.join("tidings.db"))?;
+    let db =
+        prepare_data_dir(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let store = SqliteStore::open(&db)?;
     let (queue, _jobs) = LocalQueue::new();
     let app = App::new(store, queue, SystemClock, AppConfig::default());
     let key = app.create_api_key(&tenant).await?;
