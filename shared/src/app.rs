@@ -432,7 +432,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             version: 0,
         };
         self.store.insert_subscription(&subscription).await?;
-        tracing::info!(tenant = %tenant, subscription = %subscription.id, url = %subscription.callback_url, "subscription created");
+        tracing::info!(tenant = %tenant, subscription = %subscription.id, url = %subscription.callback_url.for_logs(), "subscription created");
         Ok(subscription)
     }
 
@@ -1413,7 +1413,7 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             } => {
                 let outcome = match failure {
                     TransportFailure::Refused | TransportFailure::InvalidUrl => {
-                        tracing::warn!(url = %subscription.callback_url, reason = %message, "callback refused by the egress guard");
+                        tracing::warn!(url = %subscription.callback_url.for_logs(), reason = %message, "callback refused by the egress guard");
                         AttemptClass::Permanent
                     }
                     TransportFailure::Connect

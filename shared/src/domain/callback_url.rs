@@ -59,6 +59,20 @@ impl CallbackUrl {
         &self.0
     }
 
+    /// The URL as logs show it: without its query, which often carries a token (`?…` marks
+    /// that there was one).
+    pub fn for_logs(&self) -> String {
+        let mut shown = self.0.clone();
+        let had_query = shown.query().is_some();
+        shown.set_query(None);
+        shown.set_fragment(None);
+        let mut text = String::from(shown);
+        if had_query {
+            text.push_str("?…");
+        }
+        text
+    }
+
     pub fn as_str(&self) -> &str {
         self.0.as_str()
     }
@@ -86,6 +100,14 @@ impl<'de> Deserialize<'de> for CallbackUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logs_show_no_query() {
+        let u = CallbackUrl::parse("https://hooks.example.com/in?token=s3cret&x=1").unwrap();
+        assert_eq!(u.for_logs(), "https://hooks.example.com/in?…");
+        let plain = CallbackUrl::parse("https://hooks.example.com/in").unwrap();
+        assert_eq!(plain.for_logs(), "https://hooks.example.com/in");
+    }
 
     #[test]
     fn accepts_http_and_https() {
