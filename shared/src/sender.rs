@@ -387,9 +387,14 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Every address of a resolved host was refused; found in reqwest's error source chain to report
-/// [`TransportFailure::Refused`].
+/// [`TransportFailure::Refused`]. What it says goes into the attempt log a tenant reads: the kind
+/// of address, never the address (the service must not tell what an internal name resolves to);
+/// the address is in the service's own log.
 #[derive(Debug, thiserror::Error)]
-#[error("{refusal} (resolved from {host})")]
+#[error(
+    "callback host {host} resolves to an address that is {} and not in the allow-list",
+    refusal.class
+)]
 struct ResolvedRefusal {
     host: String,
     refusal: EgressRefusal,
@@ -426,10 +431,13 @@ impl GuardedResolver {
         }
         match (vetted.is_empty(), first_refusal) {
             (false, _) => Ok(vetted),
-            (true, Some(refusal)) => Err(Box::new(ResolvedRefusal {
-                host: host.to_owned(),
-                refusal,
-            })),
+            (true, Some(refusal)) => {
+                tracing::warn!(host, %refusal, "callback host refused by the egress guard");
+                Err(Box::new(ResolvedRefusal {
+                    host: host.to_owned(),
+                    refusal,
+                }))
+            }
             (true, None) => Err(Box::new(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 format!("{host} has no addresses"),
@@ -837,8 +845,12 @@ mod tests {
         let message = expect_failure(strict.send(post(&url)).await, TransportFailure::Refused);
         assert_eq!(
             message,
-            "callback address 127.0.0.1 is loopback and not in the allow-list \
-             (resolved from receiver.test)"
+            "callback host receiver.test resolves to an address that is loopback and not in the \
+             allow-list"
+        );
+        assert!(
+            !message.contains("127.0.0.1"),
+            "no resolved address for the tenant"
         );
         assert_eq!(receiver.accepts(), 0);
 
@@ -861,8 +873,12 @@ mod tests {
 
         let message = expect_failure(outcome, TransportFailure::Refused);
         assert!(
-            message.contains("169.254.169.254 is a cloud metadata endpoint"),
+            message.contains("is a cloud metadata endpoint"),
             "{message}"
+        );
+        assert!(
+            !message.contains("169.254"),
+            "no resolved address for the tenant"
         );
         assert_eq!(resolver.lookups.load(Ordering::SeqCst), 2);
     }
