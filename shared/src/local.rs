@@ -418,7 +418,8 @@ mod server {
     }
 }
 
-#[cfg(all(test, unix, feature = "sqlite"))]
+#[cfg(test)]
+#[cfg(all(unix, feature = "sqlite"))]
 mod tests {
     use std::os::unix::fs::PermissionsExt as _;
 
