@@ -2308,8 +2308,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_retry_on_time_writes_no_lease_and_a_late_one_does() {
+    /// An event whose first attempt failed (503), so its delivery waits for a retry; the retry's
+    /// job, and the failing sender that notes leases.
+    async fn a_retry_waiting() -> (TestApp, TenantId, SeesLease, DeliveryJob) {
         let config = AppConfig {
             schedule: RetrySchedule::parse("0s,10s,10s").unwrap(),
             jitter_ratio: 0.0,
@@ -2325,6 +2326,12 @@ mod tests {
         app.publish_event(&a, order("{}"), None).await.unwrap();
         fan_out_queued(&app, &failing).await;
         let job = take_jobs(&app).remove(0);
+        (app, a, failing, job)
+    }
+
+    #[tokio::test]
+    async fn a_retry_on_time_writes_no_lease_and_a_late_one_does() {
+        let (app, a, failing, job) = a_retry_waiting().await;
         let waiting = app.get_delivery(&a, &job.delivery_id).await.unwrap();
         let next = waiting.next_attempt_at().unwrap();
         assert!(
@@ -2358,21 +2365,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_the_sweep_sent_writes_a_lease() {
-        let config = AppConfig {
-            schedule: RetrySchedule::parse("0s,10s,10s").unwrap(),
-            jitter_ratio: 0.0,
-            ..AppConfig::default()
-        };
-        let (app, a, _) = app_with_subscription(config).await;
-        let failing = SeesLease {
-            store: app.store.clone(),
-            tenant: a.clone(),
-            status: 503,
-            leased_while_sending: Mutex::new(Vec::new()),
-        };
-        app.publish_event(&a, order("{}"), None).await.unwrap();
-        fan_out_queued(&app, &failing).await;
-        let lost = take_jobs(&app).remove(0);
+        let (app, a, failing, lost) = a_retry_waiting().await;
         // The retry's job was lost: the sweep claims the delivery once it is due and sends
         // another; each claim is one more job that might run, so the job must find a lease.
         let waiting = app.get_delivery(&a, &lost.delivery_id).await.unwrap();
