@@ -75,11 +75,15 @@ pub fn classify(ip: IpAddr) -> AddressClass {
 
 fn classify_v4(ip: Ipv4Addr) -> AddressClass {
     use AddressClass::*;
-    const METADATA: [Ipv4Addr; 4] = [
+    // AWS, Azure, GCP, Oracle and others; ECS task credentials; EKS pod identity; Alibaba;
+    // Oracle Cloud Classic; Scaleway.
+    const METADATA: [Ipv4Addr; 6] = [
         Ipv4Addr::new(169, 254, 169, 254),
         Ipv4Addr::new(169, 254, 170, 2),
         Ipv4Addr::new(169, 254, 170, 23),
         Ipv4Addr::new(100, 100, 100, 200),
+        Ipv4Addr::new(192, 0, 0, 192),
+        Ipv4Addr::new(169, 254, 42, 42),
     ];
     let [a, b, c, _] = ip.octets();
     if METADATA.contains(&ip) {
@@ -102,9 +106,12 @@ fn classify_v4(ip: Ipv4Addr) -> AddressClass {
 
 fn classify_v6(ip: Ipv6Addr) -> AddressClass {
     use AddressClass::*;
-    const METADATA: [Ipv6Addr; 2] = [
+    // AWS IMDS and EKS pod identity, GCP, Scaleway.
+    const METADATA: [Ipv6Addr; 4] = [
         Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254),
         Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23),
+        Ipv6Addr::new(0xfd20, 0xce, 0, 0, 0, 0, 0, 0x254),
+        Ipv6Addr::new(0xfd00, 0x42, 0, 0, 0, 0, 0, 0x42),
     ];
     if METADATA.contains(&ip) {
         return Metadata;
@@ -167,24 +174,18 @@ pub struct EgressRefusal {
 /// allow-list.
 ///
 /// Link-local and metadata addresses hand out cloud credentials, so a broad entry such as
-/// `0.0.0.0/0` or `fc00::/7` does not unlock them: only an entry of at least /16 (IPv4) or /10
-/// (IPv6) that covers them does, e.g. `169.254.169.254/32`.
+/// `0.0.0.0/0` or `fc00::/7` does not unlock them: a link-local address needs an entry of at
+/// least /16 (IPv4) or /10 (IPv6) that covers it, and a metadata address an entry that names it
+/// exactly (`169.254.169.254` or `169.254.169.254/32`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EgressPolicy {
     allow: Vec<IpNet>,
 }
 
 /// Evaluated at compile time, so a malformed entry fails the build rather than a request.
-const LOCAL_DEVELOPMENT: [IpNet; 6] = [
+const LOCAL_DEVELOPMENT: [IpNet; 2] = [
     IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8)),
     IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::LOCALHOST, 128)),
-    IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(10, 0, 0, 0), 8)),
-    IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(172, 16, 0, 0), 12)),
-    IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(192, 168, 0, 0), 16)),
-    IpNet::V6(Ipv6Net::new_assert(
-        Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0),
-        7,
-    )),
 ];
 
 /// Shortest prefix that may unlock link-local or metadata addresses, per family.
@@ -201,8 +202,9 @@ impl EgressPolicy {
         Self { allow }
     }
 
-    /// Loopback and private ranges, for a receiver on the developer's machine or network.
-    /// Link-local and metadata stay refused.
+    /// Loopback only, for a receiver on the developer's own machine (`tidings listen`). Every
+    /// tenant of a local deployment could otherwise make it POST to the services of its network
+    /// and read their answers in the attempt log: private ranges need an explicit entry.
     pub fn local_development() -> Self {
         Self {
             allow: LOCAL_DEVELOPMENT.to_vec(),
@@ -219,9 +221,14 @@ impl EgressPolicy {
             return Ok(());
         }
         let canonical = canonical(ip);
-        let allowed = if matches!(class, AddressClass::LinkLocal | AddressClass::Metadata) {
-            // Only a narrow entry in the address's own family counts; `::/0` covering
+        let allowed = if class == AddressClass::Metadata {
+            // Only an entry naming it, in its own family: `::/0` covering
             // `::ffff:169.254.169.254` is still a catch-all.
+            self.allow
+                .iter()
+                .any(|net| net.contains(&canonical) && net.prefix_len() == net.max_prefix_len())
+        } else if class == AddressClass::LinkLocal {
+            // Only a narrow entry in the address's own family counts.
             self.allow.iter().any(|net| {
                 net.contains(&canonical)
                     && match net {
@@ -420,27 +427,29 @@ mod tests {
     }
 
     #[test]
-    fn local_development_allows_loopback_and_private_but_not_link_local_or_metadata() {
+    fn local_development_allows_loopback_only() {
         let policy = EgressPolicy::local_development();
         for addr in [
             "127.0.0.1",
+            "127.1.2.3",
             "::1",
             "::ffff:127.0.0.1",
-            "10.1.2.3",
-            "::ffff:10.0.0.1",
-            "172.20.0.1",
-            "192.168.0.10",
-            "fd12::1",
             "8.8.8.8",
         ] {
             assert_eq!(policy.check(ip(addr)), Ok(()), "{addr}");
         }
         for addr in [
+            "10.1.2.3",
+            "::ffff:10.0.0.1",
+            "172.20.0.1",
+            "192.168.0.10",
+            "fd12::1",
             "169.254.169.254",
             "::ffff:169.254.169.254",
             "169.254.1.1",
             "fe80::1",
             "fd00:ec2::254",
+            "fd20:ce::254",
             "100.100.100.200",
             "100.64.0.1",
             "0.0.0.0",
@@ -464,14 +473,26 @@ mod tests {
             assert!(policy.check(metadata).is_err(), "{catch_all}");
             assert!(policy.check(mapped).is_err(), "{catch_all} (mapped)");
         }
-        for narrow in ["169.254.169.254/32", "169.254.169.254", "169.254.0.0/16"] {
-            let policy = EgressPolicy::new(nets(narrow));
-            assert_eq!(policy.check(metadata), Ok(()), "{narrow}");
-            assert_eq!(policy.check(mapped), Ok(()), "{narrow} (mapped)");
+        for exact in ["169.254.169.254/32", "169.254.169.254"] {
+            let policy = EgressPolicy::new(nets(exact));
+            assert_eq!(policy.check(metadata), Ok(()), "{exact}");
+            assert_eq!(policy.check(mapped), Ok(()), "{exact} (mapped)");
         }
-        let v6 = ip("fd00:ec2::254");
-        assert!(EgressPolicy::new(nets("fc00::/7")).check(v6).is_err());
-        assert_eq!(EgressPolicy::new(nets("fd00:ec2::/32")).check(v6), Ok(()));
+        // A range that merely covers it, however narrow, does not name it.
+        for range in ["169.254.0.0/16", "169.254.169.0/24", "169.254.169.254/31"] {
+            let policy = EgressPolicy::new(nets(range));
+            assert!(policy.check(metadata).is_err(), "{range}");
+        }
+        for v6 in ["fd00:ec2::254", "fd20:ce::254", "fd00:42::42"] {
+            assert_eq!(classify(ip(v6)), AddressClass::Metadata, "{v6}");
+            assert!(EgressPolicy::new(nets("fc00::/7")).check(ip(v6)).is_err());
+            assert!(
+                EgressPolicy::new(nets("fd00::/8, fd20::/16"))
+                    .check(ip(v6))
+                    .is_err()
+            );
+            assert_eq!(EgressPolicy::new(nets(v6)).check(ip(v6)), Ok(()));
+        }
         let link_local = ip("fe80::1");
         assert!(EgressPolicy::new(nets("::/0")).check(link_local).is_err());
         assert_eq!(

@@ -60,9 +60,10 @@ struct ServeArgs {
     /// Delays before each attempt, e.g. `0s,5s,5m,30m,2h,5h,10h,10h` (the default).
     #[arg(long, env = "TIDINGS_RETRY_SCHEDULE", default_value_t = RetrySchedule::default())]
     retry_schedule: RetrySchedule,
-    /// Callback address ranges the egress guard lets through, e.g. `10.0.0.0/8,::1`. The default
-    /// (unset) allows loopback and private ranges, for local development; an empty value allows
-    /// public addresses only. Link-local and metadata addresses need an explicit entry.
+    /// Callback address ranges the egress guard lets through besides public addresses, e.g.
+    /// `127.0.0.0/8,192.168.0.0/16`. The default (unset) allows loopback, for local development;
+    /// an empty value allows public addresses only. Link-local addresses need an explicit entry,
+    /// metadata addresses one that names them exactly.
     #[arg(long, env = "TIDINGS_ALLOW_CALLBACK_CIDRS")]
     allow_callback_cidrs: Option<String>,
     /// Deliveries attempted at once.
@@ -120,7 +121,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (egress, egress_note) = match args.allow_callback_cidrs.as_deref() {
         None => (
             EgressPolicy::local_development(),
-            "local development: loopback and private ranges allowed (set TIDINGS_ALLOW_CALLBACK_CIDRS= to refuse them)".to_owned(),
+            "local development: loopback allowed (--allow-callback-cidrs adds ranges such as 192.168.0.0/16; an empty value refuses loopback too)".to_owned(),
         ),
         Some(list) => {
             let nets = parse_cidr_list(list).context("--allow-callback-cidrs")?;
