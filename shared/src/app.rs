@@ -36,6 +36,8 @@ const BATCH_WRITES_AT_ONCE: usize = 16;
 /// Due deliveries one sweep round claims at once (each claim is a read and a conditional write).
 const SWEEP_CLAIMS_AT_ONCE: usize = 16;
 pub const DEFAULT_PAGE_LIMIT: u32 = 50;
+/// The shortest API key an operator may choose: 128 bits written as hex.
+pub const MIN_API_KEY_LEN: usize = 32;
 /// Why a delivery is held.
 const PAUSED: &str = "subscription is paused";
 /// When a worker looks again at a delivery it held (see `App::hold`): well past any index lag.
@@ -389,12 +391,13 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
         Ok(key)
     }
 
-    /// Registers a key chosen by the operator (e.g. `--api-key`). Idempotent.
+    /// Registers a key chosen by the operator (e.g. `--api-key`). Idempotent for its tenant; a
+    /// key registered for another tenant is refused (409), never moved.
     pub async fn add_api_key(&self, tenant: &TenantId, key: &str) -> AppResult<()> {
-        if key.len() < 16 {
+        if key.len() < MIN_API_KEY_LEN {
             return Err(AppError::invalid(
                 "apiKey",
-                "must be at least 16 characters",
+                format!("must be at least {MIN_API_KEY_LEN} characters (128 bits as hex, or more)"),
             ));
         }
         let record = ApiKeyRecord {
@@ -402,7 +405,12 @@ impl<S: Store, Q: DeliveryQueue, C: Clock> App<S, Q, C> {
             tenant_id: tenant.clone(),
             created_at: self.clock.now(),
         };
-        Ok(self.store.put_api_key(&record).await?)
+        match self.store.put_api_key(&record).await {
+            Err(StoreError::Conflict) => Err(AppError::Conflict(
+                "this key is registered for another tenant; choose another key".into(),
+            )),
+            other => Ok(other?),
+        }
     }
 
     pub async fn authenticate(&self, key: &str) -> AppResult<Option<TenantId>> {
@@ -2376,6 +2384,28 @@ mod tests {
         let job = take_jobs(&app).remove(0);
         app.deliver(&failing, &job).await.unwrap();
         assert_eq!(*failing.leased_while_sending.lock().unwrap(), [true]);
+    }
+
+    #[tokio::test]
+    async fn an_api_key_is_long_and_stays_with_its_tenant() {
+        let (app, a, _) = app_with_subscription(AppConfig::default()).await;
+        let short = app.add_api_key(&a, "tdk_only-twenty-nine-chars-xx").await;
+        assert!(
+            matches!(
+                &short,
+                Err(AppError::Invalid {
+                    field: "apiKey",
+                    ..
+                })
+            ),
+            "{short:?}"
+        );
+        let key = "tdk_an-operator-chosen-key-0123456789";
+        app.add_api_key(&a, key).await.unwrap();
+        app.add_api_key(&a, key).await.unwrap(); // a restart registers it again
+        let other = app.add_api_key(&tenant("b"), key).await;
+        assert!(matches!(other, Err(AppError::Conflict(_))), "{other:?}");
+        assert_eq!(app.authenticate(key).await.unwrap(), Some(a));
     }
 
     #[tokio::test]

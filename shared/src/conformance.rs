@@ -398,6 +398,19 @@ pub async fn api_keys_put_and_lookup<S: Store>(store: &S) {
     store.put_api_key(&key_a).await.unwrap();
     assert_eq!(
         store.tenant_for_api_key(&key_a.key_hash).await.unwrap(),
+        Some(a.clone())
+    );
+    // A key never moves to another tenant.
+    let stolen = ApiKeyRecord {
+        tenant_id: tenant("tenant-c"),
+        ..key_a.clone()
+    };
+    assert!(matches!(
+        store.put_api_key(&stolen).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(
+        store.tenant_for_api_key(&key_a.key_hash).await.unwrap(),
         Some(a)
     );
 }

@@ -114,6 +114,9 @@ pub struct DueFanOut {
 
 /// The system of record. Every method is scoped to a tenant except the sweep's index query.
 pub trait Store: Send + Sync + 'static {
+    /// Registers a key, insert-only: a key already registered for the same tenant is left as
+    /// it is (`Ok`: a retried call), one registered for another tenant is `Conflict` (a key never
+    /// moves to another tenant).
     fn put_api_key(&self, key: &ApiKeyRecord) -> impl Future<Output = StoreResult<()>> + Send;
     fn tenant_for_api_key(
         &self,

@@ -65,12 +65,14 @@ async fn sigkill_mid_run_loses_nothing() {
     second.kill().await;
 }
 
+/// An operator's own key: at least 32 characters.
+const OPERATOR_KEY: &str = "tdk_operator-chosen-key-0123456789abcdef";
+
 #[tokio::test]
 async fn keys_create_adds_a_tenant_while_serve_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let server =
-        TidingsProcess::serve(dir.path(), &["--api-key", "tdk_operator-chosen-key-1234"]).await;
-    assert_eq!(server.api.key, "tdk_operator-chosen-key-1234");
+    let server = TidingsProcess::serve(dir.path(), &["--api-key", OPERATOR_KEY]).await;
+    assert_eq!(server.api.key, OPERATOR_KEY);
     // The database holds secrets: its files are for their owner alone.
     {
         use std::os::unix::fs::PermissionsExt as _;

@@ -1171,14 +1171,21 @@ impl Store for DynamoStore {
             sk: SINGLE_SK,
             api_key: key,
         })?;
-        self.client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(item))
-            .send()
-            .await
-            .map_err(StoreError::unavailable)?;
-        Ok(())
+        match self
+            .put_checked(item, "attribute_not_exists(#pk)", &[("#pk", PK)], &[])
+            .await?
+        {
+            Ok(()) => Ok(()),
+            // Registered already: for this tenant (a retried call, or our own earlier try whose
+            // answer was lost) that is done; a key never moves to another tenant.
+            Err(Some(old))
+                if body::<ApiKeyRecord>(old.clone(), API_KEY)
+                    .is_ok_and(|r| r.tenant_id == key.tenant_id) =>
+            {
+                Ok(())
+            }
+            Err(_) => Err(StoreError::Conflict),
+        }
     }
 
     async fn tenant_for_api_key(&self, key_hash: &str) -> StoreResult<Option<TenantId>> {

@@ -402,20 +402,31 @@ impl Store for SqliteStore {
     async fn put_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
         let key = key.clone();
         self.write(move |conn| {
-            conn.prepare_cached(
-                "INSERT INTO api_keys (key_hash, tenant_id, created_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (key_hash) DO UPDATE
-                 SET tenant_id = excluded.tenant_id, created_at = excluded.created_at",
-            )
-            .and_then(|mut stmt| {
-                stmt.execute(params![
-                    key.key_hash,
-                    key.tenant_id.as_str(),
-                    key.created_at.unix_millis()
-                ])
-            })
-            .map_err(StoreError::unavailable)?;
-            Ok(())
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO api_keys (key_hash, tenant_id, created_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (key_hash) DO NOTHING",
+                )
+                .and_then(|mut stmt| {
+                    stmt.execute(params![
+                        key.key_hash,
+                        key.tenant_id.as_str(),
+                        key.created_at.unix_millis()
+                    ])
+                })
+                .map_err(StoreError::unavailable)?;
+            if inserted == 1 {
+                return Ok(());
+            }
+            let owner: String = conn
+                .prepare_cached("SELECT tenant_id FROM api_keys WHERE key_hash = ?1")
+                .and_then(|mut stmt| stmt.query_row([&key.key_hash], |row| row.get(0)))
+                .map_err(StoreError::unavailable)?;
+            if owner == key.tenant_id.as_str() {
+                Ok(())
+            } else {
+                Err(StoreError::Conflict)
+            }
         })
         .await
     }
