@@ -108,7 +108,7 @@ pub struct Config {
     #[arg(long, value_enum, default_value_t = FanOut::Stream)]
     pub fan_out: FanOut,
     /// Most records per DynamoDB stream batch (`BatchSize`, 1–10000).
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub stream_batch_size: u32,
     /// How long the stream mapping gathers records before invoking
     /// (`MaximumBatchingWindowInSeconds`; `0s`: as soon as there are any).
@@ -725,7 +725,10 @@ mod tests {
         assert_eq!(config.function_timeout, Duration::from_secs(30));
         assert_eq!(config.deliver_instances, 2);
         assert_eq!(config.fan_out, FanOut::Stream);
-        assert_eq!(config.stream_batch_size, 100);
+        assert_eq!(
+            config.stream_batch_size, 50,
+            "the template's StreamBatchSize"
+        );
         assert_eq!(config.stream_batching_window, Duration::ZERO);
         assert_eq!(config.stream_max_retries, 10);
         config.validate().unwrap();
