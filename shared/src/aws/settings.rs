@@ -341,6 +341,24 @@ mod tests {
     }
 
     #[test]
+    fn the_fan_out_trigger_is_stream_or_queue_and_queue_by_default() {
+        assert_eq!(with(&[]).unwrap().fan_out, FanOutTrigger::Queue);
+        let stream = with(&[(FAN_OUT_VAR, " stream ")]).unwrap();
+        assert_eq!(stream.fan_out, FanOutTrigger::StoreStream);
+        assert_eq!(
+            stream.app_config().fan_out_trigger,
+            FanOutTrigger::StoreStream
+        );
+        assert_eq!(
+            with(&[(FAN_OUT_VAR, "queue")]).unwrap().fan_out,
+            FanOutTrigger::Queue
+        );
+        let bad = with(&[(FAN_OUT_VAR, "Stream!")]).unwrap_err();
+        assert_eq!(bad.var(), FAN_OUT_VAR);
+        assert!(bad.to_string().contains("`stream` or `queue`"), "{bad}");
+    }
+
+    #[test]
     fn defaults_are_production_safe() {
         let s = with(&[]).unwrap();
         assert_eq!(s.table, "tidings");
